@@ -1,0 +1,385 @@
+//! The compute engine: parameters and images in, per-example-summed gradients and predictions
+//! out, on a backend chosen at run time (`flex`, pure Rust, by default; `tch`, libtorch, with
+//! the `tch` feature).
+//!
+//! Parameters arrive as one flat vector in [`ModelSpec::params`] order and become one 1-D
+//! autodiff leaf each, reshaped inside the forward pass; their gradients therefore come back
+//! already flat, in the same order, ready for the wire.
+//!
+//! Dropout masks are drawn on the host from a seed the caller gives per micro-batch, so the
+//! same micro-batch gets the same mask whichever worker (or backend) computes it.
+
+use crate::Error;
+use crate::mnist::{CLASSES, INPUT_MEAN, INPUT_SCALE, INPUT_STD, PIXELS, SIDE, Split};
+use crate::model::{ModelKind, ModelSpec, ParamSpec, Pool, inception};
+use crate::shapes::{Padding, padding_pairs};
+use burn::tensor::activation::{log_softmax, relu};
+use burn::tensor::module::{avg_pool2d, conv2d, linear, max_pool2d};
+use burn::tensor::ops::{AvgPoolOptions, ConvOptions, MaxPoolOptions};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::fmt;
+use std::str::FromStr;
+
+/// Which tensor library runs the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// burn's pure-Rust CPU backend; needs nothing installed.
+    Flex,
+    /// libtorch through burn-tch (CPU or CUDA); needs the `tch` feature.
+    Tch,
+}
+
+impl FromStr for BackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "flex" => Ok(BackendKind::Flex),
+            "tch" => Ok(BackendKind::Tch),
+            other => Err(Error::UnknownBackend(other.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Flex => "flex",
+            BackendKind::Tch => "tch",
+        })
+    }
+}
+
+/// The device a backend runs on: `cpu` or `cuda:N`.
+pub fn device(backend: BackendKind, name: &str) -> Result<Device, Error> {
+    let cuda = name.strip_prefix("cuda:").map(str::parse::<usize>);
+    match (backend, name, cuda) {
+        (BackendKind::Flex, "cpu", _) => Ok(Device::flex()),
+        (BackendKind::Flex, _, Some(Ok(_))) => Err(Error::UnknownDevice(format!(
+            "{name} (the flex backend is CPU only; use --backend tch for CUDA)"
+        ))),
+        #[cfg(feature = "tch")]
+        #[allow(deprecated)]
+        (BackendKind::Tch, "cpu", _) => Ok(Device::libtorch()),
+        #[cfg(feature = "tch")]
+        #[allow(deprecated)]
+        (BackendKind::Tch, _, Some(Ok(i))) => Ok(Device::libtorch_cuda(i)),
+        #[cfg(not(feature = "tch"))]
+        (BackendKind::Tch, _, _) => Err(Error::BackendUnavailable {
+            backend: "tch",
+            feature: "tch",
+        }),
+        _ => Err(Error::UnknownDevice(name.to_string())),
+    }
+}
+
+/// One micro-batch to differentiate.
+#[derive(Debug, Clone, Copy)]
+pub struct MicroBatch<'a> {
+    /// `PIXELS` bytes per image.
+    pub images: &'a [u8],
+    pub labels: &'a [u8],
+    /// Seed of this micro-batch's dropout mask.
+    pub dropout_seed: u64,
+}
+
+/// The gradient of the summed (not averaged) cross-entropy over a micro-batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradient {
+    pub values: Vec<f32>,
+    pub loss_sum: f64,
+    pub examples: u32,
+}
+
+/// Runs one model on one device.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    spec: ModelSpec,
+    params: Vec<ParamSpec>,
+    param_count: usize,
+    keep_prob: f32,
+    device: Device,
+}
+
+impl Engine {
+    pub fn new(spec: ModelSpec, backend: BackendKind, device_name: &str, keep_prob: f32) -> Result<Self, Error> {
+        let device = device(backend, device_name)?;
+        let params = spec.params();
+        Ok(Engine {
+            spec,
+            param_count: params.iter().map(ParamSpec::len).sum(),
+            params,
+            keep_prob,
+            device,
+        })
+    }
+
+    pub fn spec(&self) -> ModelSpec {
+        self.spec
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.param_count
+    }
+
+    /// One gradient per micro-batch, each from its own forward and backward pass.
+    pub fn gradients(&self, params: &[f32], batches: &[MicroBatch<'_>]) -> Result<Vec<Gradient>, Error> {
+        let device = self.device.clone().autodiff();
+        let leaves: Vec<Tensor<1>> = self
+            .split(params)?
+            .into_iter()
+            .map(|p| Tensor::<1>::from_data(TensorData::new(p.to_vec(), [p.len()]), &device).require_grad())
+            .collect();
+        batches
+            .iter()
+            .map(|b| {
+                let n = check_batch(b.images, b.labels)?;
+                let mask = (self.keep_prob < 1.0).then(|| self.dropout_mask(n, b.dropout_seed, &device));
+                let logits = self.forward(&leaves, images_tensor(b.images, &device), mask);
+                let onehot = onehot_tensor(b.labels, &device);
+                let loss = (log_softmax(logits, 1) * onehot).sum().neg();
+                let loss_sum = f64::from(scalar(&loss)?);
+                let grads = loss.backward();
+                let mut values = Vec::with_capacity(self.param_count);
+                for leaf in &leaves {
+                    // A parameter the loss does not reach has a zero gradient.
+                    match leaf.grad(&grads) {
+                        Some(g) => values.extend(to_vec(g)?),
+                        None => values.extend(std::iter::repeat_n(0.0, leaf.dims()[0])),
+                    }
+                }
+                Ok(Gradient {
+                    values,
+                    loss_sum,
+                    examples: n as u32,
+                })
+            })
+            .collect()
+    }
+
+    /// Predicted classes for `images`, evaluated in chunks with dropout off.
+    pub fn predict(&self, params: &[f32], images: &[u8]) -> Result<Vec<u8>, Error> {
+        const CHUNK: usize = 500;
+        let leaves: Vec<Tensor<1>> = self
+            .split(params)?
+            .into_iter()
+            .map(|p| Tensor::<1>::from_data(TensorData::new(p.to_vec(), [p.len()]), &self.device))
+            .collect();
+        let mut out = Vec::with_capacity(images.len() / PIXELS);
+        for chunk in images.chunks(CHUNK * PIXELS) {
+            let logits = self.forward(&leaves, images_tensor(chunk, &self.device), None);
+            let classes = logits.argmax(1).into_data();
+            let classes = classes
+                .convert::<i64>()
+                .try_into_vec::<i64>()
+                .map_err(|e| Error::Tensor(format!("{e:?}")))?;
+            out.extend(classes.into_iter().map(|c| c as u8));
+        }
+        Ok(out)
+    }
+
+    /// Fraction of `split` classified correctly.
+    pub fn accuracy(&self, params: &[f32], split: &Split) -> Result<f64, Error> {
+        if split.is_empty() {
+            return Ok(0.0);
+        }
+        let predicted = self.predict(params, &split.images)?;
+        let correct = predicted.iter().zip(&split.labels).filter(|(p, l)| p == l).count();
+        Ok(correct as f64 / split.len() as f64)
+    }
+
+    fn split<'p>(&self, params: &'p [f32]) -> Result<Vec<&'p [f32]>, Error> {
+        if params.len() != self.param_count {
+            return Err(Error::ParamCount {
+                expected: self.param_count,
+                got: params.len(),
+            });
+        }
+        let mut rest = params;
+        Ok(self
+            .params
+            .iter()
+            .map(|p| {
+                let (head, tail) = rest.split_at(p.len());
+                rest = tail;
+                head
+            })
+            .collect())
+    }
+
+    fn dropout_mask(&self, rows: usize, seed: u64, device: &Device) -> Tensor<2> {
+        let hidden = hidden_width(self.spec);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let keep = self.keep_prob;
+        let mask: Vec<f32> = (0..rows * hidden)
+            .map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 })
+            .collect();
+        Tensor::from_data(TensorData::new(mask, [rows, hidden]), device)
+    }
+
+    /// # Shapes
+    /// - `x`: `[n, 1, 28, 28]`
+    /// - `dropout`: `[n, hidden]`, or `None` for evaluation
+    /// - returns logits `[n, 10]`
+    fn forward(&self, leaves: &[Tensor<1>], x: Tensor<4>, dropout: Option<Tensor<2>>) -> Tensor<2> {
+        let mut w = Weights {
+            leaves,
+            specs: &self.params,
+            next: 0,
+        };
+        let pool = self.spec.pool;
+        let x = relu(w.conv(x));
+        let x = pool2d(x, pool, 2, 2);
+        let x = match self.spec.kind {
+            ModelKind::Seed => relu(w.conv(x)),
+            ModelKind::Inception => {
+                let b1 = relu(w.conv(x.clone()));
+                let reduced = relu(w.conv(x.clone()));
+                let b2 = relu(w.conv(reduced));
+                let reduced = relu(w.conv(x.clone()));
+                let b3 = relu(w.conv(reduced));
+                let b4 = relu(w.conv(pool2d(x, pool, 3, 1)));
+                let cat = Tensor::cat(vec![b1, b2, b3, b4], 1);
+                debug_assert_eq!(cat.dims()[1], inception::OUT);
+                cat
+            }
+        };
+        let x = pool2d(x, pool, 2, 2);
+        let [n, c, h, wd] = x.dims();
+        // NCHW flatten, PyTorch's order.
+        let x: Tensor<2> = x.reshape([n, c * h * wd]);
+        let mut x = relu(w.dense(x));
+        if let Some(mask) = dropout {
+            x = x * mask;
+        }
+        w.dense(x)
+    }
+}
+
+/// Width of the layer dropout applies to.
+fn hidden_width(spec: ModelSpec) -> usize {
+    match spec.kind {
+        ModelKind::Seed => crate::model::SEED_HIDDEN,
+        ModelKind::Inception => inception::HIDDEN,
+    }
+}
+
+/// Hands out the parameter leaves in order, reshaped for their layer.
+struct Weights<'a> {
+    leaves: &'a [Tensor<1>],
+    specs: &'a [ParamSpec],
+    next: usize,
+}
+
+impl Weights<'_> {
+    fn take(&mut self) -> (Tensor<1>, &ParamSpec) {
+        let i = self.next;
+        self.next += 1;
+        (self.leaves[i].clone(), &self.specs[i])
+    }
+
+    /// A stride-1 SAME convolution with the next weight and bias.
+    fn conv(&mut self, x: Tensor<4>) -> Tensor<4> {
+        let (weight, spec) = self.take();
+        let [o, i, kh, kw] = [spec.shape[0], spec.shape[1], spec.shape[2], spec.shape[3]];
+        let weight: Tensor<4> = weight.reshape([o, i, kh, kw]);
+        let (bias, _) = self.take();
+        let [_, _, h, wd] = x.dims();
+        let pad = |len, k| padding_pairs(len, k, 1, Padding::Same).unwrap_or((0, 0));
+        let options = ConvOptions::new_with_padding([1, 1], [pad(h, kh), pad(wd, kw)], [1, 1], 1);
+        conv2d(x, weight, Some(bias), options)
+    }
+
+    /// A dense layer with the next weight (held `[in, out]`) and bias.
+    fn dense(&mut self, x: Tensor<2>) -> Tensor<2> {
+        let (weight, spec) = self.take();
+        let weight: Tensor<2> = weight.reshape([spec.shape[1], spec.shape[0]]);
+        let (bias, _) = self.take();
+        linear(x, weight, Some(bias))
+    }
+}
+
+/// A `window`x`window` pool with TensorFlow SAME padding (padded cells never win a max and
+/// are not counted in an average, as in TensorFlow).
+pub fn pool2d(x: Tensor<4>, pool: Pool, window: usize, stride: usize) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    let pad = |len| padding_pairs(len, window, stride, Padding::Same).unwrap_or((0, 0));
+    let padding = [pad(h), pad(w)];
+    match pool {
+        Pool::Max => max_pool2d(
+            x,
+            MaxPoolOptions::new([window, window])
+                .with_stride([stride, stride])
+                .with_padding_pairs(padding),
+        ),
+        Pool::Avg => {
+            let mut options = AvgPoolOptions::new([window, window])
+                .with_stride([stride, stride])
+                .with_padding_pairs(padding);
+            options.count_include_pad = false;
+            avg_pool2d(x, options)
+        }
+    }
+}
+
+/// A convolution with explicit stride and padding, for checking the shape calculator.
+pub fn conv_output_dims(input: [usize; 4], filters: usize, kernel: usize, stride: usize, padding: Padding) -> Result<[usize; 4], Error> {
+    let [n, c, h, w] = input;
+    let device = Device::flex();
+    let x = Tensor::<4>::zeros([n, c, h, w], &device);
+    let weight = Tensor::<4>::zeros([filters, c, kernel, kernel], &device);
+    let options = ConvOptions::new_with_padding(
+        [stride, stride],
+        [
+            padding_pairs(h, kernel, stride, padding)?,
+            padding_pairs(w, kernel, stride, padding)?,
+        ],
+        [1, 1],
+        1,
+    );
+    Ok(conv2d(x, weight, None, options).dims())
+}
+
+fn check_batch(images: &[u8], labels: &[u8]) -> Result<usize, Error> {
+    let n = labels.len();
+    if n == 0 || images.len() != n * PIXELS {
+        return Err(Error::BadBatch(format!(
+            "{} image bytes for {n} labels (want {} per image, at least one image)",
+            images.len(),
+            PIXELS
+        )));
+    }
+    if let Some(bad) = labels.iter().find(|&&l| l as usize >= CLASSES) {
+        return Err(Error::BadBatch(format!("label {bad} is not a digit")));
+    }
+    Ok(n)
+}
+
+fn images_tensor(images: &[u8], device: &Device) -> Tensor<4> {
+    let n = images.len() / PIXELS;
+    let x: Vec<f32> = images
+        .iter()
+        .map(|&p| (f32::from(p) * INPUT_SCALE - INPUT_MEAN) / INPUT_STD)
+        .collect();
+    Tensor::from_data(TensorData::new(x, [n, 1, SIDE, SIDE]), device)
+}
+
+fn onehot_tensor(labels: &[u8], device: &Device) -> Tensor<2> {
+    let mut v = vec![0.0f32; labels.len() * CLASSES];
+    for (i, &l) in labels.iter().enumerate() {
+        v[i * CLASSES + l as usize] = 1.0;
+    }
+    Tensor::from_data(TensorData::new(v, [labels.len(), CLASSES]), device)
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, Error> {
+    t.into_data().try_into_vec::<f32>().map_err(|e| Error::Tensor(format!("{e:?}")))
+}
+
+fn scalar(t: &Tensor<1>) -> Result<f32, Error> {
+    to_vec(t.clone())?
+        .first()
+        .copied()
+        .ok_or_else(|| Error::Tensor("empty loss".into()))
+}

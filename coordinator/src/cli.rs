@@ -1,0 +1,264 @@
+//! The coordinator's one-shot subcommands: `summary`, `shape`, `status` and `checkpoints`.
+
+use crate::checkpoint::CheckpointStore;
+use crate::config::StatusArgs;
+use common::model::ModelSpec;
+use common::shapes::{Conv, Padding, Volume};
+use proto::status_client::StatusClient;
+use proto::{GetHistoryRequest, GetStatusRequest, StatusReply, WatchStatusRequest};
+use std::time::Duration;
+
+/// `summary`: the model's layers like Keras' `model.summary()`.
+pub fn summary(spec: ModelSpec) -> anyhow::Result<()> {
+    print!("{}", summary_table(spec)?);
+    Ok(())
+}
+
+/// The text `summary` prints.
+pub fn summary_table(spec: ModelSpec) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    let rows = spec.summary()?;
+    let width = rows.iter().map(|r| r.layer.len()).max().unwrap_or(5).max(5);
+    let mut out = String::new();
+    writeln!(out, "Model: {spec}")?;
+    writeln!(out, "{:<width$}  {:>12}  {:>12}", "Layer", "Output", "Params")?;
+    writeln!(out, "{}", "-".repeat(width + 28))?;
+    for r in &rows {
+        writeln!(out, "{:<width$}  {:>12}  {:>12}", r.layer, r.output, group(r.params))?;
+    }
+    writeln!(out, "{}", "-".repeat(width + 28))?;
+    let total: usize = rows.iter().map(|r| r.params).sum();
+    writeln!(out, "Total params: {}", group(total))?;
+    Ok(out)
+}
+
+/// `shape`: the lecture's quiz for one convolution layer.
+pub fn shape(input: &str, filter: &str, filters: usize, stride: usize, padding: &str) -> anyhow::Result<()> {
+    let input: Volume = input.parse()?;
+    let filter: Volume = filter.parse()?;
+    let padding: Padding = padding.parse()?;
+    let layer = Conv {
+        input,
+        filter: (filter.height, filter.width),
+        filters,
+        stride,
+        padding,
+    };
+    let s = layer.shape()?;
+    println!("output: {}", s.output);
+    println!("parameters with sharing: {}", group(s.params_shared));
+    println!("parameters without sharing: {}", group(s.params_unshared));
+    Ok(())
+}
+
+/// 3274634 -> "3,274,634".
+pub fn group(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+async fn connect(args: &StatusArgs) -> anyhow::Result<StatusClient<tonic::transport::Channel>> {
+    let timeout = Duration::from_secs_f64(args.timeout_secs);
+    let channel = tonic::transport::Endpoint::from_shared(args.coordinator.clone())?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {}: {e}", args.coordinator))?;
+    Ok(StatusClient::new(channel))
+}
+
+fn state_name(s: i32) -> &'static str {
+    match proto::JobState::try_from(s) {
+        Ok(proto::JobState::WaitingForWorkers) => "waiting for workers",
+        Ok(proto::JobState::Running) => "running",
+        Ok(proto::JobState::Checkpointing) => "checkpointing",
+        Ok(proto::JobState::Finished) => "finished",
+        Ok(proto::JobState::Failed) => "failed",
+        _ => "unknown",
+    }
+}
+
+fn opt(v: f64) -> serde_json::Value {
+    if v.is_finite() { v.into() } else { serde_json::Value::Null }
+}
+
+/// The status as JSON for scripts.
+pub fn status_json(r: &StatusReply) -> serde_json::Value {
+    serde_json::json!({
+        "state": state_name(r.state),
+        "reason": r.reason,
+        "model": r.model,
+        "epoch": r.epoch,
+        "step": r.step,
+        "total_steps": r.total_steps,
+        "examples_seen": r.examples_seen,
+        "progress": r.progress,
+        "eta_secs": r.eta_secs,
+        "loss": opt(r.last_loss),
+        "validation_accuracy": opt(r.last_validation_accuracy),
+        "test_accuracy": if r.has_test_accuracy { opt(r.test_accuracy) } else { serde_json::Value::Null },
+        "learning_rate": r.learning_rate,
+        "images_per_sec": r.images_per_sec,
+        "live_workers": r.live_workers,
+        "last_checkpoint": r.last_checkpoint,
+        "checkpoint_error": r.checkpoint_error,
+        "workers": r.workers.iter().map(|w| serde_json::json!({
+            "id": w.id, "name": w.name, "address": w.address, "backend": w.backend,
+            "device": w.device, "state": w.state,
+            "last_heartbeat_secs_ago": w.last_heartbeat_secs_ago,
+            "steps_done": w.steps_done, "mean_step_ms": w.mean_step_ms, "failures": w.failures,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn status_text(r: &StatusReply) -> String {
+    let mut out = format!(
+        "{} ({}) model {} | epoch {} step {}/{} ({:.1}%) | loss {:.4} | validation {:.4} | {:.0} images/s | ETA {:.0}s | {} live workers\n",
+        state_name(r.state),
+        r.reason,
+        r.model,
+        r.epoch,
+        r.step,
+        r.total_steps,
+        r.progress * 100.0,
+        r.last_loss,
+        r.last_validation_accuracy,
+        r.images_per_sec,
+        r.eta_secs,
+        r.live_workers
+    );
+    if r.has_test_accuracy {
+        out.push_str(&format!("test accuracy {:.4}\n", r.test_accuracy));
+    }
+    for w in &r.workers {
+        out.push_str(&format!(
+            "  worker {} {} {} {}/{} {} | heard {:.1}s ago | {} shards, {:.0} ms each | {} failures\n",
+            w.id, w.name, w.address, w.backend, w.device, w.state, w.last_heartbeat_secs_ago, w.steps_done, w.mean_step_ms, w.failures
+        ));
+    }
+    out
+}
+
+/// `status`: one-shot, `--json`, `--watch` or `--plot FILE`.
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args).await?;
+    if let Some(path) = &args.plot {
+        let history = client.get_history(GetHistoryRequest {}).await?.into_inner();
+        let svg = plot_svg(&history.points);
+        std::fs::write(path, svg).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        println!("wrote {} ({} points)", path.display(), history.points.len());
+        return Ok(());
+    }
+    if args.watch {
+        let mut stream = client
+            .watch_status(WatchStatusRequest { max_per_second: 4.0 })
+            .await?
+            .into_inner();
+        while let Some(r) = stream.message().await? {
+            if args.json {
+                println!("{}", status_json(&r));
+            } else {
+                let width = 30;
+                let filled = (r.progress * width as f64) as usize;
+                println!(
+                    "[{}{}] epoch {} step {}/{} loss {:.4} acc {:.4} ETA {:.0}s {}",
+                    "#".repeat(filled.min(width)),
+                    "-".repeat(width - filled.min(width)),
+                    r.epoch,
+                    r.step,
+                    r.total_steps,
+                    r.last_loss,
+                    r.last_validation_accuracy,
+                    r.eta_secs,
+                    state_name(r.state)
+                );
+            }
+        }
+        return Ok(());
+    }
+    let r = client.get_status(GetStatusRequest {}).await?.into_inner();
+    if args.json {
+        println!("{}", status_json(&r));
+    } else {
+        print!("{}", status_text(&r));
+    }
+    Ok(())
+}
+
+/// An SVG chart of loss (left axis) and validation accuracy (right axis, 0..1) against steps.
+pub fn plot_svg(points: &[proto::HistoryPoint]) -> String {
+    let (w, h, m) = (800.0, 400.0, 50.0);
+    let max_step = points.iter().map(|p| p.step).max().unwrap_or(1).max(1) as f64;
+    let max_loss = points
+        .iter()
+        .map(|p| p.loss)
+        .filter(|l| l.is_finite())
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
+    let x = |s: u64| m + (w - 2.0 * m) * s as f64 / max_step;
+    let y = |v: f64, top: f64| h - m - (h - 2.0 * m) * (v / top).clamp(0.0, 1.0);
+    let line = |pts: Vec<(f64, f64)>| {
+        pts.iter()
+            .map(|(a, b)| format!("{a:.1},{b:.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let loss = line(points.iter().filter(|p| p.loss.is_finite()).map(|p| (x(p.step), y(p.loss, max_loss))).collect());
+    let acc = line(
+        points
+            .iter()
+            .filter(|p| p.validation_accuracy.is_finite())
+            .map(|p| (x(p.step), y(p.validation_accuracy, 1.0)))
+            .collect(),
+    );
+    format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}">
+<rect width="100%" height="100%" fill="white"/>
+<line x1="{m}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/>
+<line x1="{m}" y1="{m}" x2="{m}" y2="{b}" stroke="black"/>
+<line x1="{r}" y1="{m}" x2="{r}" y2="{b}" stroke="black"/>
+<text x="{m}" y="30" font-family="sans-serif" font-size="14">Training loss (red, 0..{max_loss:.3}) and validation accuracy (blue, 0..1) by step (0..{max_step})</text>
+<polyline fill="none" stroke="#c0392b" stroke-width="1.5" points="{loss}"/>
+<polyline fill="none" stroke="#2e86c1" stroke-width="2" points="{acc}"/>
+</svg>
+"##,
+        b = h - m,
+        r = w - m,
+    )
+}
+
+/// `checkpoints`: lists the checkpoints at a URL with their metrics.
+pub async fn checkpoints(url: &str) -> anyhow::Result<()> {
+    let store = CheckpointStore::open(url)?;
+    let names = store.names().await?;
+    if names.is_empty() {
+        println!("no checkpoints at {url}");
+    }
+    for name in names {
+        match store.load(&name).await {
+            Ok((m, _)) => {
+                let size: u64 = m.blobs.values().map(|b| b.bytes).sum();
+                println!(
+                    "{name}  step {}  epoch {}  loss {}  validation {}  test {}  {} bytes  {}",
+                    m.step,
+                    m.epoch + 1,
+                    m.metrics.loss.map_or("-".into(), |v| format!("{v:.4}")),
+                    m.metrics.validation_accuracy.map_or("-".into(), |v| format!("{v:.4}")),
+                    m.metrics.test_accuracy.map_or("-".into(), |v| format!("{v:.4}")),
+                    size,
+                    m.created
+                );
+            }
+            Err(e) => println!("{name}  unreadable: {e}"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! Command-line and environment configuration of the coordinator.
+//!
+//! Every flag has an environment fallback (`COORDINATOR_*` for the server's own settings) and a
+//! default that works out of the box; [`TrainArgs::validate`] says what to change when a value
+//! cannot work.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use common::model::{ModelKind, ModelSpec, Pool};
+use common::train::TrainConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "Parameter server for data-parallel MNIST training",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train (the default when no subcommand is given).
+    Train(TrainArgs),
+    /// Print a model's layers with output shapes and parameter counts.
+    Summary {
+        #[arg(long, default_value = "seed")]
+        model: ModelArg,
+        #[arg(long, default_value = "max")]
+        pool: PoolArg,
+    },
+    /// Output shape and parameter counts of one convolution layer (TensorFlow padding rules).
+    Shape {
+        /// Input volume, HxWxD.
+        #[arg(long)]
+        input: String,
+        /// Filter height x width, e.g. 8x8.
+        #[arg(long)]
+        filter: String,
+        #[arg(long, default_value_t = 1)]
+        filters: usize,
+        #[arg(long, default_value_t = 1)]
+        stride: usize,
+        /// same, valid, or a number of zeros on each side.
+        #[arg(long, default_value = "same")]
+        padding: String,
+    },
+    /// Query a running coordinator's training status.
+    Status(StatusArgs),
+    /// List the checkpoints at a URL.
+    Checkpoints {
+        #[arg(long, env = "COORDINATOR_CHECKPOINT_URL", default_value = "./checkpoints")]
+        checkpoint_url: String,
+    },
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct StatusArgs {
+    #[arg(long, env = "COORDINATOR_URL", default_value = "http://127.0.0.1:50051")]
+    pub coordinator: String,
+    /// Follow the job with a live progress bar until it ends.
+    #[arg(long)]
+    pub watch: bool,
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Write an SVG chart of loss and validation accuracy against steps.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Give up after this many seconds without an answer.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout_secs: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelArg {
+    Seed,
+    Inception,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PoolArg {
+    Max,
+    Avg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    /// Momentum SGD tuned to reach 99% test accuracy in 3 epochs.
+    Default,
+    /// The lecture's exact hyperparameters: plain gradient descent at lr 0.00001, 10 epochs,
+    /// validation on 256 images after every batch, test on 256 images.
+    Seed,
+}
+
+impl ModelArg {
+    pub fn spec(self, pool: PoolArg) -> ModelSpec {
+        ModelSpec {
+            kind: match self {
+                ModelArg::Seed => ModelKind::Seed,
+                ModelArg::Inception => ModelKind::Inception,
+            },
+            pool: match pool {
+                PoolArg::Max => Pool::Max,
+                PoolArg::Avg => Pool::Avg,
+            },
+        }
+    }
+}
+
+/// Flags of a training job.
+#[derive(Debug, Args, Clone)]
+pub struct TrainArgs {
+    /// gRPC address to listen on (port 0 picks a free port; the bound address is logged).
+    #[arg(long, env = "COORDINATOR_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// Workers to wait for before the first step.
+    #[arg(long, env = "COORDINATOR_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+    /// Training pauses (and says why) while fewer workers than this are live.
+    #[arg(long, env = "COORDINATOR_MIN_WORKERS", default_value_t = 1)]
+    pub min_workers: usize,
+    /// Directory with the MNIST files (gzipped or raw).
+    #[arg(long, env = "COORDINATOR_DATA_DIR", default_value = "./data/mnist")]
+    pub data_dir: PathBuf,
+    /// Download missing MNIST files from `--mnist-mirror` (checksums are always verified).
+    #[arg(long, env = "COORDINATOR_DOWNLOAD")]
+    pub download: bool,
+    #[arg(
+        long,
+        env = "COORDINATOR_MNIST_MIRROR",
+        default_value = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+    )]
+    pub mnist_mirror: String,
+    /// Hyperparameter preset; explicit flags override it.
+    #[arg(long, env = "COORDINATOR_PRESET", default_value = "default")]
+    pub preset: Preset,
+    #[arg(long, env = "COORDINATOR_MODEL", default_value = "seed")]
+    pub model: ModelArg,
+    #[arg(long, env = "COORDINATOR_POOL", default_value = "max")]
+    pub pool: PoolArg,
+    #[arg(long, env = "COORDINATOR_EPOCHS")]
+    pub epochs: Option<u64>,
+    /// Stop after this many steps (before the epochs are done).
+    #[arg(long, env = "COORDINATOR_MAX_STEPS")]
+    pub max_steps: Option<u64>,
+    #[arg(long, env = "COORDINATOR_BATCH_SIZE")]
+    pub batch_size: Option<usize>,
+    /// Images per micro-batch, the unit of work. The batch is cut into batch/micro-batch
+    /// leaves, which bounds how many workers one step can use.
+    #[arg(long, env = "COORDINATOR_MICRO_BATCH", default_value_t = 32)]
+    pub micro_batch: usize,
+    #[arg(long, env = "COORDINATOR_LR")]
+    pub lr: Option<f32>,
+    #[arg(long, env = "COORDINATOR_MOMENTUM")]
+    pub momentum: Option<f32>,
+    /// Dropout keep probability of the hidden dense layer.
+    #[arg(long, env = "COORDINATOR_KEEP_PROB", default_value_t = 0.75)]
+    pub keep_prob: f32,
+    #[arg(long, env = "COORDINATOR_SEED", default_value_t = 1)]
+    pub seed: u64,
+    /// Validate every N steps (and at each epoch end).
+    #[arg(long, env = "COORDINATOR_EVAL_EVERY")]
+    pub eval_every: Option<u64>,
+    /// Validation images used (from the 5,000 held out).
+    #[arg(long, env = "COORDINATOR_VALIDATION_SIZE")]
+    pub validation_size: Option<usize>,
+    /// Test images used for the final accuracy (of 10,000).
+    #[arg(long, env = "COORDINATOR_TEST_SIZE")]
+    pub test_size: Option<usize>,
+    /// Where checkpoints go: a path, file://, s3://bucket/prefix, gs://, az://.
+    #[arg(long, env = "COORDINATOR_CHECKPOINT_URL", default_value = "./checkpoints")]
+    pub checkpoint_url: String,
+    /// Checkpoint every N steps (also at each epoch end, at the end and on shutdown); 0: never
+    /// periodically.
+    #[arg(long, env = "COORDINATOR_CHECKPOINT_EVERY", default_value_t = 200)]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept; older ones are deleted.
+    #[arg(long, env = "COORDINATOR_KEEP_LAST", default_value_t = 3)]
+    pub keep_last: usize,
+    /// Ignore existing checkpoints and start from scratch.
+    #[arg(long, env = "COORDINATOR_FRESH")]
+    pub fresh: bool,
+    /// Seconds without a heartbeat after which a worker is declared lost.
+    #[arg(long, env = "COORDINATOR_HEARTBEAT_TIMEOUT", default_value_t = 5.0)]
+    pub heartbeat_timeout: f64,
+    /// A shard running this many times longer than its peers is also sent to an idle worker.
+    #[arg(long, env = "COORDINATOR_STRAGGLER_FACTOR", default_value_t = 3.0)]
+    pub straggler_factor: f64,
+    /// Bad submissions after which a worker is quarantined.
+    #[arg(long, env = "COORDINATOR_MAX_BAD_INPUTS", default_value_t = 5)]
+    pub max_bad_inputs: u32,
+    /// Seconds to wait for enough workers before giving up (at start or after losing them).
+    #[arg(long, env = "COORDINATOR_WORKER_WAIT", default_value_t = 600.0)]
+    pub worker_wait: f64,
+}
+
+/// The job's resolved settings.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    pub train: TrainConfig,
+    pub eval_every: u64,
+    pub validation_size: usize,
+    pub test_size: usize,
+    pub preset: Preset,
+}
+
+impl TrainArgs {
+    /// Applies the preset under the explicit flags.
+    pub fn job(&self) -> JobConfig {
+        let lecture = self.preset == Preset::Seed;
+        let train = TrainConfig {
+            model: self.model.spec(self.pool),
+            batch_size: self.batch_size.unwrap_or(128),
+            micro_batch: self.micro_batch,
+            lr: self.lr.unwrap_or(if lecture { 0.00001 } else { 0.05 }),
+            momentum: self.momentum.unwrap_or(if lecture { 0.0 } else { 0.9 }),
+            keep_prob: self.keep_prob,
+            seed: self.seed,
+            epochs: self.epochs.unwrap_or(if lecture { 10 } else { 3 }),
+            max_steps: self.max_steps,
+        };
+        JobConfig {
+            train,
+            eval_every: self.eval_every.unwrap_or(if lecture { 1 } else { 100 }),
+            validation_size: self
+                .validation_size
+                .unwrap_or(if lecture { 256 } else { common::mnist::VALIDATION }),
+            test_size: self.test_size.unwrap_or(if lecture { 256 } else { 10_000 }),
+            preset: self.preset,
+        }
+    }
+
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.heartbeat_timeout)
+    }
+
+    pub fn worker_wait(&self) -> Duration {
+        Duration::from_secs_f64(self.worker_wait)
+    }
+
+    /// Checks the flags, with messages that say what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        let job = self.job();
+        let t = &job.train;
+        let checks = [
+            (self.workers == 0, "--workers must be at least 1".to_string()),
+            (self.min_workers == 0, "--min-workers must be at least 1".into()),
+            (t.batch_size == 0, "--batch-size must be at least 1".into()),
+            (
+                t.micro_batch == 0 || t.micro_batch > t.batch_size,
+                format!("--micro-batch must be between 1 and the batch size ({})", t.batch_size),
+            ),
+            (
+                !(t.lr.is_finite() && t.lr > 0.0),
+                "--lr must be a positive number".into(),
+            ),
+            (
+                !(0.0..1.0).contains(&t.momentum),
+                "--momentum must be in [0, 1)".into(),
+            ),
+            (
+                !(t.keep_prob > 0.0 && t.keep_prob <= 1.0),
+                "--keep-prob must be in (0, 1]".into(),
+            ),
+            (t.epochs == 0, "--epochs must be at least 1".into()),
+            (t.max_steps == Some(0), "--max-steps must be at least 1".into()),
+            (
+                !(self.heartbeat_timeout.is_finite() && self.heartbeat_timeout > 0.0),
+                "--heartbeat-timeout must be a positive number of seconds".into(),
+            ),
+            (
+                !(self.straggler_factor.is_finite() && self.straggler_factor > 1.0),
+                "--straggler-factor must be greater than 1".into(),
+            ),
+            (
+                !(self.worker_wait.is_finite() && self.worker_wait > 0.0),
+                "--worker-wait must be a positive number of seconds".into(),
+            ),
+            (job.eval_every == 0, "--eval-every must be at least 1".into()),
+            (self.keep_last == 0, "--keep-last must be at least 1".into()),
+        ];
+        match checks.into_iter().find(|(bad, _)| *bad) {
+            Some((_, msg)) => Err(msg),
+            None => Ok(()),
+        }
+    }
+}

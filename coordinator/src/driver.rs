@@ -1,0 +1,306 @@
+//! The training driver: the one task that owns the parameters. Each step it publishes the batch
+//! and parameters, opens a round, waits (with deadlines) for the workers' gradients, applies
+//! SGD, validates, checkpoints and reports. Everything a worker does reaches it through the
+//! round state machine in [`crate::core`].
+
+use crate::checkpoint::{CheckpointStore, Metrics};
+use crate::config::JobConfig;
+use crate::state::{HistoryPoint, JobState, Shared, StepData};
+use common::engine::Engine;
+use common::mnist::{Mnist, Split};
+use common::train::{Batcher, TrainState};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// How often the driver checks heartbeat deadlines.
+const TICK: Duration = Duration::from_millis(100);
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Finished { test_accuracy: f64 },
+    /// Shut down (SIGTERM/ctrl-c) after checkpointing at `step`.
+    Interrupted { step: u64 },
+}
+
+/// Everything the driver needs.
+pub struct Driver {
+    pub shared: Arc<Shared>,
+    pub job: JobConfig,
+    pub data: Arc<Mnist>,
+    pub engine: Engine,
+    pub store: CheckpointStore,
+    pub checkpoint_every: u64,
+    pub keep_last: usize,
+    pub initial_workers: usize,
+    pub min_workers: usize,
+    pub worker_wait: Duration,
+}
+
+impl Driver {
+    pub async fn run(self, mut state: TrainState, shutdown: CancellationToken) -> anyhow::Result<Outcome> {
+        let cfg = self.job.train.clone();
+        let train = &self.data.train;
+        let schedule = cfg.schedule(train.len());
+        let total = cfg.total_steps(train.len());
+        let leaves = schedule.leaves();
+        let validation = Arc::new(self.data.validation.slice(0..self.job.validation_size.min(self.data.validation.len())));
+        let mut batcher = Batcher::new(train, schedule);
+        let mut pending_save: Option<JoinHandle<()>> = None;
+        {
+            let mut s = self.shared.status();
+            s.total_steps = total;
+            s.step = state.step;
+        }
+
+        if !self.wait_for_workers(self.initial_workers, &shutdown).await? {
+            return self.interrupt(state, pending_save).await;
+        }
+        self.set_state(JobState::Running);
+
+        while state.step < total {
+            if !self.wait_for_workers(self.min_workers, &shutdown).await? {
+                return self.interrupt(state, pending_save).await;
+            }
+            let started = Instant::now();
+            let step = state.step;
+            let data = StepData {
+                step,
+                params: proto::encode_f32(&state.params).into(),
+                batch: batcher.batch(step),
+                leaves: leaves.clone(),
+                seed: cfg.seed,
+            };
+            self.shared.set_step_data(Some(Arc::new(data)));
+            self.shared.core().begin_round(step, leaves.len() as u32);
+            self.shared.notify();
+
+            let Some(result) = self.wait_for_round(&shutdown).await? else {
+                return self.interrupt(state, pending_save).await;
+            };
+            state.apply(&result.sum, result.examples);
+            let loss = result.loss_sum / f64::from(result.examples.max(1));
+            let elapsed = started.elapsed().as_secs_f64();
+
+            let (epoch, pos) = schedule.locate(step);
+            let epoch_end = pos + 1 == schedule.steps_per_epoch();
+            let last = state.step == total;
+            let validate = state.step % self.job.eval_every == 0 || epoch_end || last;
+            let accuracy = if validate {
+                let acc = self.accuracy(&state, validation.clone()).await?;
+                info!(
+                    "Epoch {:>2}, Batch {:>3} - Loss: {:>10.4} Validation Accuracy: {:.6}",
+                    epoch + 1,
+                    pos + 1,
+                    loss,
+                    acc
+                );
+                Some(acc)
+            } else {
+                debug!(step, loss, "step done");
+                None
+            };
+            {
+                let mut s = self.shared.status();
+                s.step = state.step;
+                s.epoch = epoch;
+                s.examples_seen += u64::from(result.examples);
+                s.last_loss = Some(loss);
+                if accuracy.is_some() {
+                    s.last_validation_accuracy = accuracy;
+                }
+                s.step_seconds.push(elapsed);
+                let rate = f64::from(result.examples) / elapsed.max(1e-9);
+                s.images_per_sec = if s.images_per_sec == 0.0 {
+                    rate
+                } else {
+                    0.9 * s.images_per_sec + 0.1 * rate
+                };
+                s.history.push(HistoryPoint {
+                    step: state.step,
+                    loss,
+                    validation_accuracy: accuracy,
+                });
+            }
+            self.shared.notify();
+
+            let periodic = self.checkpoint_every > 0 && state.step % self.checkpoint_every == 0;
+            if (periodic || epoch_end) && !last {
+                // Training goes on while the checkpoint is written; one write at a time.
+                if pending_save.as_ref().is_none_or(|h| h.is_finished()) {
+                    pending_save = Some(self.spawn_save(state.clone()));
+                } else {
+                    warn!(step = state.step, "previous checkpoint still being written; skipping this one");
+                }
+            }
+        }
+
+        let test = self.data.test.slice(0..self.job.test_size.min(self.data.test.len()));
+        let test_accuracy = self.accuracy(&state, Arc::new(test)).await?;
+        info!("Testing Accuracy: {test_accuracy:.6}");
+        self.shared.status().test_accuracy = Some(test_accuracy);
+        if let Some(h) = pending_save.take() {
+            let _ = h.await;
+        }
+        self.set_state(JobState::Checkpointing);
+        self.save(&state).await;
+        self.finish().await;
+        self.set_state(JobState::Finished);
+        Ok(Outcome::Finished { test_accuracy })
+    }
+
+    /// Waits until `n` workers are live. False when shut down first; an error past the deadline.
+    async fn wait_for_workers(&self, n: usize, shutdown: &CancellationToken) -> anyhow::Result<bool> {
+        let deadline = tokio::time::Instant::now() + self.worker_wait;
+        let mut changed = self.shared.subscribe();
+        let mut said = false;
+        loop {
+            let live = {
+                let mut core = self.shared.core();
+                for id in core.tick(Instant::now()) {
+                    warn!(worker = id, "worker lost (missed its heartbeat deadline)");
+                }
+                core.live_workers()
+            };
+            if live >= n {
+                if said {
+                    self.set_state(JobState::Running);
+                }
+                return Ok(true);
+            }
+            if !said {
+                let why = format!("waiting for workers: {live} of {n} live");
+                info!("{why}");
+                self.set_state(JobState::WaitingForWorkers(why));
+                said = true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                _ = tokio::time::sleep_until(deadline) => {
+                    let why = format!("gave up after {:?}: only {live} of {n} workers live", self.worker_wait);
+                    self.set_state(JobState::Failed(why.clone()));
+                    anyhow::bail!(why);
+                }
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep(TICK) => {}
+            }
+        }
+    }
+
+    /// Waits for the current round's gradients, declaring silent workers lost as it goes.
+    async fn wait_for_round(&self, shutdown: &CancellationToken) -> anyhow::Result<Option<crate::core::RoundResult>> {
+        let mut changed = self.shared.subscribe();
+        let mut starved_since: Option<tokio::time::Instant> = None;
+        loop {
+            let (result, live) = {
+                let mut core = self.shared.core();
+                let lost = core.tick(Instant::now());
+                for id in &lost {
+                    warn!(worker = id, "worker lost (missed its heartbeat deadline); its shard goes to another worker");
+                }
+                (core.take_result(), core.live_workers())
+            };
+            if let Some(r) = result {
+                return Ok(Some(r));
+            }
+            // With no live worker the round cannot finish: wait for one, within the deadline.
+            if live == 0 {
+                let since = *starved_since.get_or_insert_with(tokio::time::Instant::now);
+                self.set_state(JobState::WaitingForWorkers("no live workers".into()));
+                if since.elapsed() > self.worker_wait {
+                    let why = format!("no live worker for {:?}", self.worker_wait);
+                    self.set_state(JobState::Failed(why.clone()));
+                    anyhow::bail!(why);
+                }
+            } else if starved_since.take().is_some() {
+                self.set_state(JobState::Running);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep(TICK) => {}
+            }
+        }
+    }
+
+    async fn accuracy(&self, state: &TrainState, split: Arc<Split>) -> anyhow::Result<f64> {
+        let engine = self.engine.clone();
+        let params = state.params.clone();
+        Ok(tokio::task::spawn_blocking(move || engine.accuracy(&params, &split)).await??)
+    }
+
+    fn metrics(&self) -> Metrics {
+        let s = self.shared.status();
+        Metrics {
+            loss: s.last_loss,
+            validation_accuracy: s.last_validation_accuracy,
+            test_accuracy: s.test_accuracy,
+        }
+    }
+
+    fn spawn_save(&self, state: TrainState) -> JoinHandle<()> {
+        let (store, cfg, shared, keep) = (self.store.clone(), self.job.train.clone(), self.shared.clone(), self.keep_last);
+        let metrics = self.metrics();
+        tokio::spawn(async move { save_with(&store, &cfg, &state, metrics, keep, &shared).await })
+    }
+
+    async fn save(&self, state: &TrainState) {
+        save_with(&self.store, &self.job.train, state, self.metrics(), self.keep_last, &self.shared).await;
+    }
+
+    async fn interrupt(&self, state: TrainState, pending: Option<JoinHandle<()>>) -> anyhow::Result<Outcome> {
+        info!(step = state.step, "shutting down: writing a checkpoint first");
+        if let Some(h) = pending {
+            let _ = h.await;
+        }
+        self.save(&state).await;
+        self.finish().await;
+        Ok(Outcome::Interrupted { step: state.step })
+    }
+
+    /// Tells workers the job is over and gives them a moment to hear it.
+    async fn finish(&self) {
+        self.shared.core().finish();
+        self.shared.set_step_data(None);
+        self.shared.notify();
+        // Workers long-poll GetWork; give the live ones one poll period to receive `shutdown`.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    fn set_state(&self, state: JobState) {
+        let changed = {
+            let mut s = self.shared.status();
+            let changed = s.state != state;
+            s.state = state;
+            changed
+        };
+        if changed {
+            self.shared.notify();
+        }
+    }
+}
+
+/// Writes one checkpoint, retrying with backoff; a failure is reported in status, never fatal.
+async fn save_with(store: &CheckpointStore, cfg: &common::train::TrainConfig, state: &TrainState, metrics: Metrics, keep: usize, shared: &Shared) {
+    let mut delay = Duration::from_millis(250);
+    for attempt in 1..=4 {
+        match store.save(cfg, state, metrics.clone(), keep).await {
+            Ok(name) => {
+                info!(checkpoint = name, url = store.url(), "checkpoint written");
+                let mut s = shared.status();
+                s.last_checkpoint = Some(name);
+                s.checkpoint_error = None;
+                return;
+            }
+            Err(e) => {
+                warn!(attempt, error = %e, "checkpoint write failed");
+                shared.status().checkpoint_error = Some(e.to_string());
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! The coordinator: a parameter server that shards MNIST batches over gRPC to workers, reduces
+//! their gradients, applies SGD, checkpoints to object storage and serves training status.
+//!
+//! [`run`] is the whole server, started by the thin `main` or by tests on a `127.0.0.1:0`
+//! listener; it returns when training ends or `shutdown` is cancelled (after a checkpoint).
+
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod core;
+pub mod data;
+pub mod driver;
+pub mod service;
+pub mod state;
+pub mod status;
+
+use crate::checkpoint::CheckpointStore;
+use crate::config::TrainArgs;
+use crate::core::{Core, CoreConfig};
+use crate::driver::{Driver, Outcome};
+use crate::state::{JobState, JobStatus, Shared};
+use common::engine::{BackendKind, Engine};
+use common::train::TrainState;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Runs a training job to its end, serving gRPC on `listener`.
+pub async fn run(args: TrainArgs, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<Outcome> {
+    args.validate().map_err(anyhow::Error::msg)?;
+    let job = args.job();
+    let cfg = job.train.clone();
+    let data = Arc::new(data::load(&args.data_dir, args.download, &args.mnist_mirror).await?);
+    info!(
+        train = data.train.len(),
+        validation = data.validation.len(),
+        test = data.test.len(),
+        dir = %args.data_dir.display(),
+        "MNIST loaded and verified"
+    );
+    let engine = Engine::new(cfg.model, BackendKind::Flex, "cpu", cfg.keep_prob)?;
+
+    let store = CheckpointStore::open(&args.checkpoint_url)?;
+    let mut state = TrainState::new(&cfg);
+    if !args.fresh {
+        if let Some((name, manifest, resumed)) = store.load_latest().await? {
+            manifest.check_compatible(&name, &cfg)?;
+            info!(checkpoint = name, step = resumed.step, url = store.url(), "resuming from checkpoint");
+            state = resumed;
+        }
+    }
+
+    let heartbeat_timeout = args.heartbeat_timeout();
+    let core = Core::new(CoreConfig {
+        heartbeat_timeout,
+        straggler_factor: args.straggler_factor,
+        max_bad_inputs: args.max_bad_inputs,
+    });
+    let status = JobStatus {
+        state: JobState::WaitingForWorkers("starting".into()),
+        model: cfg.model.to_string(),
+        step: state.step,
+        epoch: 0,
+        total_steps: 0,
+        examples_seen: 0,
+        last_loss: None,
+        last_validation_accuracy: None,
+        test_accuracy: None,
+        learning_rate: f64::from(cfg.lr),
+        images_per_sec: 0.0,
+        gradient_bytes_received: 0,
+        bad_inputs: 0,
+        last_checkpoint: None,
+        checkpoint_error: None,
+        history: Vec::new(),
+        step_seconds: Vec::new(),
+        started: Instant::now(),
+    };
+    // Heartbeats come three times per deadline, so one lost packet never costs a worker.
+    let interval_ms = (heartbeat_timeout.as_millis() / 3).clamp(50, 5_000) as u32;
+    let shared = Shared::new(core, status, engine.param_count(), cfg.model, cfg.keep_prob, interval_ms);
+
+    let addr = listener.local_addr()?;
+    let server_stop = CancellationToken::new();
+    let server = tokio::spawn(serve(shared.clone(), listener, server_stop.clone()));
+    info!(%addr, "coordinator listening on {addr}");
+
+    let driver = Driver {
+        shared: shared.clone(),
+        job,
+        data,
+        engine,
+        store,
+        checkpoint_every: args.checkpoint_every,
+        keep_last: args.keep_last,
+        initial_workers: args.workers,
+        min_workers: args.min_workers,
+        worker_wait: args.worker_wait(),
+    };
+    let outcome = driver.run(state, shutdown).await;
+    server_stop.cancel();
+    let _ = server.await;
+    outcome
+}
+
+/// Serves the Trainer and Status services, health and reflection until `stop`.
+async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) -> anyhow::Result<()> {
+    use proto::status_server::StatusServer;
+    use proto::trainer_server::TrainerServer;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<TrainerServer<service::TrainerService>>().await;
+    health.set_serving::<StatusServer<status::StatusService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let max = proto::MAX_MESSAGE_BYTES;
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            TrainerServer::new(service::TrainerService::new(shared.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(StatusServer::new(status::StatusService::new(shared)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            stop.cancelled_owned(),
+        )
+        .await?;
+    Ok(())
+}

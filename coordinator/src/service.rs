@@ -1,0 +1,206 @@
+//! The `Trainer` gRPC service: validates and converts each request, hands it to the round
+//! state machine, and maps refusals to gRPC status codes. Bad input is logged with its sender,
+//! counted in status, and never stops training.
+
+use crate::core::{Accepted, CoreError, Submission, WorkerInfo};
+use crate::state::Shared;
+use common::tree::Node;
+use proto::trainer_server::Trainer;
+use proto::{
+    GetWorkRequest, GetWorkResponse, HeartbeatRequest, HeartbeatResponse, NodeRange,
+    RegisterRequest, RegisterResponse, Shutdown, SubmitRequest, SubmitResponse, Task, Wait,
+    get_work_response::Reply,
+};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+/// How long `GetWork` holds a request open before answering `wait`.
+const LONG_POLL: Duration = Duration::from_secs(2);
+
+pub struct TrainerService {
+    shared: Arc<Shared>,
+}
+
+impl TrainerService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        TrainerService { shared }
+    }
+
+    /// Counts bad input from `worker`, quarantining a repeat offender.
+    fn bad_input(&self, worker: u64, peer: &str, reason: &str) -> Status {
+        warn!(worker, peer, reason, "refused bad input");
+        self.shared.status().bad_inputs += 1;
+        if self.shared.core().record_bad_input(worker, reason) {
+            warn!(worker, peer, "worker quarantined after repeated bad input");
+            self.shared.notify();
+        }
+        Status::invalid_argument(reason.to_string())
+    }
+}
+
+fn core_status(e: CoreError) -> Status {
+    match e {
+        CoreError::UnknownWorker(_) => Status::not_found(e.to_string()),
+        CoreError::Quarantined(_) => Status::permission_denied(e.to_string()),
+        CoreError::StaleStep { .. } => Status::failed_precondition(e.to_string()),
+        CoreError::Duplicate(_) => Status::already_exists(e.to_string()),
+        CoreError::UnknownTask(_) | CoreError::NotYourTask { .. } | CoreError::WrongNodes { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
+    }
+}
+
+fn peer<T>(req: &Request<T>) -> String {
+    req.remote_addr().map_or_else(|| "unknown".into(), |a| a.to_string())
+}
+
+#[tonic::async_trait]
+impl Trainer for TrainerService {
+    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let address = peer(&req);
+        let r = req.into_inner();
+        if r.protocol_version != proto::PROTOCOL_VERSION {
+            warn!(%address, got = r.protocol_version, "refused worker with another protocol version");
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not supported: this coordinator speaks version {}",
+                r.protocol_version,
+                proto::PROTOCOL_VERSION
+            )));
+        }
+        let model = self.shared.model;
+        if !r.model.is_empty() && r.model != model.kind.to_string() {
+            warn!(%address, wanted = r.model, "refused worker built for another model");
+            return Err(Status::failed_precondition(format!(
+                "this job trains model {}, the worker insists on {}",
+                model.kind, r.model
+            )));
+        }
+        let info = WorkerInfo {
+            name: r.name,
+            address,
+            backend: r.backend,
+            device: r.device,
+            threads: r.threads,
+        };
+        let id = self.shared.core().register(info.clone(), Instant::now());
+        info!(worker = id, name = info.name, address = info.address, backend = info.backend, device = info.device, "worker registered");
+        self.shared.notify();
+        Ok(Response::new(RegisterResponse {
+            worker_id: id,
+            heartbeat_interval_ms: self.shared.heartbeat_interval_ms,
+            model: model.kind.to_string(),
+            pool: model.pool.to_string(),
+            keep_prob: self.shared.keep_prob,
+            parameter_count: self.shared.param_count as u64,
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let id = req.into_inner().worker_id;
+        let was_live = self.shared.core().live_workers();
+        self.shared.core().touch(id, Instant::now()).map_err(core_status)?;
+        if self.shared.core().live_workers() != was_live {
+            info!(worker = id, "worker is back");
+            self.shared.notify();
+        }
+        Ok(Response::new(HeartbeatResponse {}))
+    }
+
+    async fn get_work(&self, req: Request<GetWorkRequest>) -> Result<Response<GetWorkResponse>, Status> {
+        let id = req.into_inner().worker_id;
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
+        let mut changed = self.shared.subscribe();
+        loop {
+            changed.borrow_and_update();
+            let assignment = {
+                let mut core = self.shared.core();
+                if core.is_finished() {
+                    return Ok(reply(Reply::Shutdown(Shutdown {
+                        reason: "training finished".into(),
+                    })));
+                }
+                core.next_task(id, Instant::now()).map_err(core_status)?
+            };
+            if let Some(a) = assignment {
+                let data = self.shared.step_data().filter(|d| d.step == a.step);
+                if let Some(data) = data {
+                    let first = data.leaves[a.leaves.start as usize].start;
+                    let last = data.leaves[a.leaves.end as usize - 1].end;
+                    let px = common::mnist::PIXELS;
+                    if a.backup {
+                        info!(worker = id, step = a.step, leaves = ?a.leaves, "backup shard for a straggler");
+                    }
+                    return Ok(reply(Reply::Task(Task {
+                        task_id: a.task_id,
+                        step: a.step,
+                        params: data.params.clone(),
+                        first_leaf: a.leaves.start,
+                        leaf_sizes: a.leaves.clone().map(|l| data.leaves[l as usize].len() as u32).collect(),
+                        images: bytes::Bytes::copy_from_slice(&data.batch.images[first * px..last * px]),
+                        labels: bytes::Bytes::copy_from_slice(&data.batch.labels[first..last]),
+                        nodes: a.nodes.iter().map(|n| NodeRange { lo: n.lo, hi: n.hi }).collect(),
+                        seed: data.seed,
+                    })));
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
+                return Ok(reply(Reply::Wait(Wait {
+                    reason: "no shard free".into(),
+                })));
+            }
+        }
+    }
+
+    async fn submit_gradients(&self, req: Request<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
+        let address = peer(&req);
+        let r = req.into_inner();
+        let worker = r.worker_id;
+        let n = self.shared.param_count;
+        let mut nodes = Vec::with_capacity(r.nodes.len());
+        let (mut loss_sum, mut examples, mut bytes) = (0.0, 0u32, 0u64);
+        for g in r.nodes {
+            let Some(range) = g.node else {
+                return Err(self.bad_input(worker, &address, "gradient without its tree node"));
+            };
+            let values = proto::decode_f32(&g.gradient, n)
+                .map_err(|e| self.bad_input(worker, &address, &format!("gradient of the wrong length: {e}")))?;
+            if values.iter().any(|v| !v.is_finite()) || !g.loss_sum.is_finite() {
+                return Err(self.bad_input(worker, &address, "gradient contains NaN or Inf"));
+            }
+            bytes += g.gradient.len() as u64;
+            loss_sum += g.loss_sum;
+            examples += g.examples;
+            nodes.push((Node::new(range.lo, range.hi), values));
+        }
+        let sub = Submission {
+            worker,
+            task_id: r.task_id,
+            step: r.step,
+            nodes,
+            loss_sum,
+            examples,
+        };
+        let outcome = self.shared.core().submit(sub, Instant::now());
+        match outcome {
+            Ok(accepted) => {
+                self.shared.status().gradient_bytes_received += bytes;
+                self.shared.notify();
+                Ok(Response::new(SubmitResponse {
+                    accepted: accepted == Accepted::Used,
+                }))
+            }
+            Err(e) if e.is_bad_input() => Err({
+                let status = core_status(e.clone());
+                let _ = self.bad_input(worker, &address, &e.to_string());
+                status
+            }),
+            Err(e) => Err(core_status(e)),
+        }
+    }
+}
+
+fn reply(r: Reply) -> Response<GetWorkResponse> {
+    Response::new(GetWorkResponse { reply: Some(r) })
+}

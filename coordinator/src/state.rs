@@ -1,0 +1,122 @@
+//! State shared between the training driver and the gRPC handlers: the round state machine
+//! behind a mutex, the current step's data, the job's status, and a watch channel that wakes
+//! long-polling handlers and status streams whenever any of it changes.
+
+use crate::core::Core;
+use bytes::Bytes;
+use common::mnist::Split;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// What a task of the current step is built from.
+#[derive(Debug)]
+pub struct StepData {
+    pub step: u64,
+    /// Current parameters in wire form (little-endian f32), encoded once per step.
+    pub params: Bytes,
+    pub batch: Split,
+    /// Batch positions of each leaf.
+    pub leaves: Vec<std::ops::Range<usize>>,
+    pub seed: u64,
+}
+
+/// The job's lifecycle, as status reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobState {
+    WaitingForWorkers(String),
+    Running,
+    Checkpointing,
+    Finished,
+    Failed(String),
+}
+
+/// One point of the training history.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HistoryPoint {
+    pub step: u64,
+    pub loss: f64,
+    pub validation_accuracy: Option<f64>,
+}
+
+/// The job's progress, written by the driver, read by status.
+#[derive(Debug, Clone)]
+pub struct JobStatus {
+    pub state: JobState,
+    pub model: String,
+    pub step: u64,
+    pub epoch: u64,
+    pub total_steps: u64,
+    pub examples_seen: u64,
+    pub last_loss: Option<f64>,
+    pub last_validation_accuracy: Option<f64>,
+    pub test_accuracy: Option<f64>,
+    pub learning_rate: f64,
+    pub images_per_sec: f64,
+    pub gradient_bytes_received: u64,
+    pub bad_inputs: u64,
+    pub last_checkpoint: Option<String>,
+    pub checkpoint_error: Option<String>,
+    pub history: Vec<HistoryPoint>,
+    pub step_seconds: Vec<f64>,
+    pub started: Instant,
+}
+
+/// Everything the handlers and the driver share.
+#[derive(Debug)]
+pub struct Shared {
+    core: Mutex<Core>,
+    step_data: Mutex<Option<Arc<StepData>>>,
+    status: Mutex<JobStatus>,
+    changed: watch::Sender<u64>,
+    pub param_count: usize,
+    pub model: common::model::ModelSpec,
+    pub keep_prob: f32,
+    pub heartbeat_interval_ms: u32,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave these structures half-updated in a way
+    // that matters more than stopping would; keep serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub fn new(core: Core, status: JobStatus, param_count: usize, model: common::model::ModelSpec, keep_prob: f32, heartbeat_interval_ms: u32) -> Arc<Self> {
+        Arc::new(Shared {
+            core: Mutex::new(core),
+            step_data: Mutex::new(None),
+            status: Mutex::new(status),
+            changed: watch::channel(0).0,
+            param_count,
+            model,
+            keep_prob,
+            heartbeat_interval_ms,
+        })
+    }
+
+    pub fn core(&self) -> MutexGuard<'_, Core> {
+        lock(&self.core)
+    }
+
+    pub fn status(&self) -> MutexGuard<'_, JobStatus> {
+        lock(&self.status)
+    }
+
+    pub fn step_data(&self) -> Option<Arc<StepData>> {
+        lock(&self.step_data).clone()
+    }
+
+    pub fn set_step_data(&self, data: Option<Arc<StepData>>) {
+        *lock(&self.step_data) = data;
+    }
+
+    /// Wakes everyone waiting for a change.
+    pub fn notify(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}

@@ -1,0 +1,159 @@
+//! The `Status` gRPC service: a snapshot of the job and its workers, a stream of snapshots
+//! (one per change, rate-limited, ending when the job ends or the client goes away), and the
+//! loss/accuracy history for plotting.
+
+use crate::core::WorkerState;
+use crate::state::{JobState, Shared};
+use proto::status_server::Status as StatusApi;
+use proto::{
+    GetHistoryRequest, GetStatusRequest, HistoryPoint, HistoryReply, StatusReply,
+    WatchStatusRequest, WorkerStatus,
+};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+pub struct StatusService {
+    shared: Arc<Shared>,
+}
+
+impl StatusService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        StatusService { shared }
+    }
+}
+
+/// Builds the status reply from the shared state.
+pub fn snapshot(shared: &Shared) -> StatusReply {
+    let now = Instant::now();
+    let (workers, live) = {
+        let core = shared.core();
+        let workers: Vec<WorkerStatus> = core
+            .workers()
+            .map(|w| WorkerStatus {
+                id: w.id,
+                address: w.info.address.clone(),
+                backend: w.info.backend.clone(),
+                device: w.info.device.clone(),
+                state: w.state.as_str().to_string(),
+                last_heartbeat_secs_ago: now.duration_since(w.last_seen).as_secs_f64(),
+                steps_done: w.shards_done,
+                mean_step_ms: if w.shards_done == 0 {
+                    0.0
+                } else {
+                    w.busy.as_secs_f64() * 1e3 / w.shards_done as f64
+                },
+                failures: w.failures,
+                name: w.info.name.clone(),
+            })
+            .collect();
+        let live = core.workers().filter(|w| w.state == WorkerState::Live).count();
+        (workers, live as u64)
+    };
+    let s = shared.status();
+    let (state, reason) = match &s.state {
+        JobState::WaitingForWorkers(why) => (proto::JobState::WaitingForWorkers, why.clone()),
+        JobState::Running => (proto::JobState::Running, String::new()),
+        JobState::Checkpointing => (proto::JobState::Checkpointing, String::new()),
+        JobState::Finished => (proto::JobState::Finished, String::new()),
+        JobState::Failed(why) => (proto::JobState::Failed, why.clone()),
+    };
+    let progress = if s.total_steps == 0 {
+        0.0
+    } else {
+        s.step as f64 / s.total_steps as f64
+    };
+    let recent = &s.step_seconds[s.step_seconds.len().saturating_sub(20)..];
+    let per_step = if recent.is_empty() {
+        0.0
+    } else {
+        recent.iter().sum::<f64>() / recent.len() as f64
+    };
+    StatusReply {
+        state: state as i32,
+        reason,
+        epoch: s.epoch + 1,
+        step: s.step,
+        total_steps: s.total_steps,
+        examples_seen: s.examples_seen,
+        progress,
+        eta_secs: per_step * s.total_steps.saturating_sub(s.step) as f64,
+        last_loss: s.last_loss.unwrap_or(f64::NAN),
+        last_validation_accuracy: s.last_validation_accuracy.unwrap_or(f64::NAN),
+        has_test_accuracy: s.test_accuracy.is_some(),
+        test_accuracy: s.test_accuracy.unwrap_or(f64::NAN),
+        learning_rate: s.learning_rate,
+        images_per_sec: s.images_per_sec,
+        workers,
+        model: s.model.clone(),
+        live_workers: live,
+        last_checkpoint: s.last_checkpoint.clone().unwrap_or_default(),
+        checkpoint_error: s.checkpoint_error.clone().unwrap_or_default(),
+    }
+}
+
+fn ended(reply: &StatusReply) -> bool {
+    reply.state == proto::JobState::Finished as i32 || reply.state == proto::JobState::Failed as i32
+}
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<StatusReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl StatusApi for StatusService {
+    async fn get_status(&self, _: Request<GetStatusRequest>) -> Result<Response<StatusReply>, Status> {
+        Ok(Response::new(snapshot(&self.shared)))
+    }
+
+    type WatchStatusStream = StatusStream;
+
+    async fn watch_status(&self, req: Request<WatchStatusRequest>) -> Result<Response<StatusStream>, Status> {
+        let rate = req.into_inner().max_per_second;
+        let min_gap = if rate > 0.0 {
+            Duration::from_secs_f32(1.0 / rate)
+        } else {
+            Duration::from_millis(100)
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut changed = shared.subscribe();
+            let mut last_step = None;
+            loop {
+                changed.borrow_and_update();
+                let reply = snapshot(&shared);
+                let done = ended(&reply);
+                if last_step != Some((reply.step, reply.state, reply.live_workers)) || done {
+                    last_step = Some((reply.step, reply.state, reply.live_workers));
+                    // A send error means the client went away: stop.
+                    if tx.send(Ok(reply)).await.is_err() || done {
+                        return;
+                    }
+                }
+                tokio::time::sleep(min_gap).await;
+                // Wake on change, or re-send at least every few seconds (worker heartbeats age).
+                let _ = tokio::time::timeout(Duration::from_secs(5), changed.changed()).await;
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn get_history(&self, _: Request<GetHistoryRequest>) -> Result<Response<HistoryReply>, Status> {
+        let s = self.shared.status();
+        Ok(Response::new(HistoryReply {
+            points: s
+                .history
+                .iter()
+                .map(|p| HistoryPoint {
+                    step: p.step,
+                    loss: p.loss,
+                    validation_accuracy: p.validation_accuracy.unwrap_or(f64::NAN),
+                })
+                .collect(),
+        }))
+    }
+}
