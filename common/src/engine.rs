@@ -103,7 +103,12 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(spec: ModelSpec, backend: BackendKind, device_name: &str, keep_prob: f32) -> Result<Self, Error> {
+    pub fn new(
+        spec: ModelSpec,
+        backend: BackendKind,
+        device_name: &str,
+        keep_prob: f32,
+    ) -> Result<Self, Error> {
         let device = device(backend, device_name)?;
         let params = spec.params();
         Ok(Engine {
@@ -124,18 +129,26 @@ impl Engine {
     }
 
     /// One gradient per micro-batch, each from its own forward and backward pass.
-    pub fn gradients(&self, params: &[f32], batches: &[MicroBatch<'_>]) -> Result<Vec<Gradient>, Error> {
+    pub fn gradients(
+        &self,
+        params: &[f32],
+        batches: &[MicroBatch<'_>],
+    ) -> Result<Vec<Gradient>, Error> {
         let device = self.device.clone().autodiff();
         let leaves: Vec<Tensor<1>> = self
             .split(params)?
             .into_iter()
-            .map(|p| Tensor::<1>::from_data(TensorData::new(p.to_vec(), [p.len()]), &device).require_grad())
+            .map(|p| {
+                Tensor::<1>::from_data(TensorData::new(p.to_vec(), [p.len()]), &device)
+                    .require_grad()
+            })
             .collect();
         batches
             .iter()
             .map(|b| {
                 let n = check_batch(b.images, b.labels)?;
-                let mask = (self.keep_prob < 1.0).then(|| self.dropout_mask(n, b.dropout_seed, &device));
+                let mask =
+                    (self.keep_prob < 1.0).then(|| self.dropout_mask(n, b.dropout_seed, &device));
                 let logits = self.forward(&leaves, images_tensor(b.images, &device), mask);
                 let onehot = onehot_tensor(b.labels, &device);
                 let loss = (log_softmax(logits, 1) * onehot).sum().neg();
@@ -185,7 +198,11 @@ impl Engine {
             return Ok(0.0);
         }
         let predicted = self.predict(params, &split.images)?;
-        let correct = predicted.iter().zip(&split.labels).filter(|(p, l)| p == l).count();
+        let correct = predicted
+            .iter()
+            .zip(&split.labels)
+            .filter(|(p, l)| p == l)
+            .count();
         Ok(correct as f64 / split.len() as f64)
     }
 
@@ -213,7 +230,13 @@ impl Engine {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let keep = self.keep_prob;
         let mask: Vec<f32> = (0..rows * hidden)
-            .map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 })
+            .map(|_| {
+                if rng.random::<f32>() < keep {
+                    1.0 / keep
+                } else {
+                    0.0
+                }
+            })
             .collect();
         Tensor::from_data(TensorData::new(mask, [rows, hidden]), device)
     }
@@ -324,7 +347,13 @@ pub fn pool2d(x: Tensor<4>, pool: Pool, window: usize, stride: usize) -> Tensor<
 }
 
 /// A convolution with explicit stride and padding, for checking the shape calculator.
-pub fn conv_output_dims(input: [usize; 4], filters: usize, kernel: usize, stride: usize, padding: Padding) -> Result<[usize; 4], Error> {
+pub fn conv_output_dims(
+    input: [usize; 4],
+    filters: usize,
+    kernel: usize,
+    stride: usize,
+    padding: Padding,
+) -> Result<[usize; 4], Error> {
     let [n, c, h, w] = input;
     let device = Device::flex();
     let x = Tensor::<4>::zeros([n, c, h, w], &device);
@@ -339,6 +368,37 @@ pub fn conv_output_dims(input: [usize; 4], filters: usize, kernel: usize, stride
         1,
     );
     Ok(conv2d(x, weight, None, options).dims())
+}
+
+/// A pooling layer's output dims with the given padding, for checking the shape calculator.
+pub fn pool_output_dims(
+    input: [usize; 4],
+    pool: Pool,
+    window: usize,
+    stride: usize,
+    padding: Padding,
+) -> Result<[usize; 4], Error> {
+    let [n, c, h, w] = input;
+    let x = Tensor::<4>::zeros([n, c, h, w], &Device::flex());
+    let pads = [
+        padding_pairs(h, window, stride, padding)?,
+        padding_pairs(w, window, stride, padding)?,
+    ];
+    Ok(match pool {
+        Pool::Max => max_pool2d(
+            x,
+            MaxPoolOptions::new([window, window])
+                .with_stride([stride, stride])
+                .with_padding_pairs(pads),
+        ),
+        Pool::Avg => avg_pool2d(
+            x,
+            AvgPoolOptions::new([window, window])
+                .with_stride([stride, stride])
+                .with_padding_pairs(pads),
+        ),
+    }
+    .dims())
 }
 
 fn check_batch(images: &[u8], labels: &[u8]) -> Result<usize, Error> {
@@ -374,7 +434,9 @@ fn onehot_tensor(labels: &[u8], device: &Device) -> Tensor<2> {
 }
 
 fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, Error> {
-    t.into_data().try_into_vec::<f32>().map_err(|e| Error::Tensor(format!("{e:?}")))
+    t.into_data()
+        .try_into_vec::<f32>()
+        .map_err(|e| Error::Tensor(format!("{e:?}")))
 }
 
 fn scalar(t: &Tensor<1>) -> Result<f32, Error> {
@@ -382,4 +444,131 @@ fn scalar(t: &Tensor<1>) -> Result<f32, Error> {
         .first()
         .copied()
         .ok_or_else(|| Error::Tensor("empty loss".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shapes::output_len;
+
+    /// Random layer geometries: the burn layers and the calculator agree on every output shape.
+    #[test]
+    fn burn_layers_agree_with_the_shape_calculator_on_random_sizes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(42);
+        for case in 0..150 {
+            let input = rng.random_range(1..=33usize);
+            let kernel = rng.random_range(1..=7usize);
+            let stride = rng.random_range(1..=4usize);
+            let padding = match rng.random_range(0..3) {
+                0 => Padding::Same,
+                1 => Padding::Valid,
+                _ => Padding::Explicit(rng.random_range(0..=3)),
+            };
+            let Ok(want) = output_len(input, kernel, stride, padding) else {
+                continue;
+            };
+            let conv = conv_output_dims([1, 2, input, input], 3, kernel, stride, padding).unwrap();
+            assert_eq!(
+                conv,
+                [1, 3, want, want],
+                "case {case}: conv {input} k{kernel} s{stride} {padding}"
+            );
+            // Pools pad at most half a window in burn.
+            let half_window = padding_pairs(input, kernel, stride, padding).unwrap();
+            if half_window.0.max(half_window.1) * 2 <= kernel {
+                for pool in [Pool::Max, Pool::Avg] {
+                    let got = pool_output_dims([1, 2, input, input], pool, kernel, stride, padding)
+                        .unwrap();
+                    assert_eq!(
+                        got,
+                        [1, 2, want, want],
+                        "case {case}: {pool}-pool {input} k{kernel} s{stride} {padding}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_lecture_quiz_layer_runs_in_burn_with_the_calculators_shapes() {
+        for (padding, side) in [
+            (Padding::Same, 16),
+            (Padding::Valid, 13),
+            (Padding::Explicit(1), 14),
+        ] {
+            assert_eq!(
+                conv_output_dims([1, 3, 32, 32], 20, 8, 2, padding).unwrap(),
+                [1, 20, side, side]
+            );
+        }
+    }
+
+    fn digits(n: usize) -> (Vec<u8>, Vec<u8>) {
+        let data = crate::mnist::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/mnist"
+        )));
+        match data {
+            Ok(d) => (
+                d.train.images[..n * PIXELS].to_vec(),
+                d.train.labels[..n].to_vec(),
+            ),
+            Err(_) => (
+                (0..n * PIXELS).map(|i| (i * 37 % 256) as u8).collect(),
+                (0..n).map(|i| (i % 10) as u8).collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn gradients_are_finite_nonzero_and_a_small_step_lowers_the_loss() {
+        for kind in [ModelKind::Seed, ModelKind::Inception] {
+            let spec = ModelSpec {
+                kind,
+                pool: Pool::Max,
+            };
+            let engine = Engine::new(spec, BackendKind::Flex, "cpu", 1.0).unwrap();
+            let mut params = spec.init(3);
+            let (images, labels) = digits(16);
+            let batch = [MicroBatch {
+                images: &images,
+                labels: &labels,
+                dropout_seed: 0,
+            }];
+            let g = engine.gradients(&params, &batch).unwrap().remove(0);
+            assert_eq!(g.values.len(), spec.param_count());
+            assert!(g.values.iter().all(|v| v.is_finite()));
+            assert!(g.values.iter().any(|v| *v != 0.0));
+            for (p, d) in params.iter_mut().zip(&g.values) {
+                *p -= 0.01 * d / 16.0;
+            }
+            let after = engine.gradients(&params, &batch).unwrap().remove(0);
+            assert!(
+                after.loss_sum < g.loss_sum,
+                "{kind}: {} -> {}",
+                g.loss_sum,
+                after.loss_sum
+            );
+        }
+    }
+
+    #[test]
+    fn a_batch_with_a_bad_label_or_size_is_refused() {
+        let engine = Engine::new(ModelSpec::SEED, BackendKind::Flex, "cpu", 1.0).unwrap();
+        let params = ModelSpec::SEED.init(1);
+        let images = vec![0u8; PIXELS];
+        let bad = [MicroBatch {
+            images: &images,
+            labels: &[12],
+            dropout_seed: 0,
+        }];
+        assert!(engine.gradients(&params, &bad).is_err());
+        let short = [MicroBatch {
+            images: &images[1..],
+            labels: &[1],
+            dropout_seed: 0,
+        }];
+        assert!(engine.gradients(&params, &short).is_err());
+        assert!(engine.gradients(&params[1..], &bad).is_err());
+    }
 }

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 /// Errors of the shared library. Each variant says what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("MNIST file {path} is missing (give --data-dir a directory holding the four MNIST files, gzipped or not, or let the coordinator download them)")]
+    #[error(
+        "MNIST file {path} is missing (give --data-dir a directory holding the four MNIST files, gzipped or not, or let the coordinator download them)"
+    )]
     MissingFile { path: PathBuf },
     #[error("cannot read {path}: {source}")]
     Io {
@@ -13,7 +15,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is corrupt: SHA-256 of its contents is {actual}, expected {expected} (delete it and fetch it again)")]
+    #[error(
+        "{path} is corrupt: SHA-256 of its contents is {actual}, expected {expected} (delete it and fetch it again)"
+    )]
     Checksum {
         path: PathBuf,
         expected: String,
@@ -27,7 +31,9 @@ pub enum Error {
     UnknownPool(String),
     #[error("unknown backend {0:?} (expected flex or tch)")]
     UnknownBackend(String),
-    #[error("backend {backend} is not compiled into this binary (rebuild with --features {feature})")]
+    #[error(
+        "backend {backend} is not compiled into this binary (rebuild with --features {feature})"
+    )]
     BackendUnavailable {
         backend: &'static str,
         feature: &'static str,

@@ -7,12 +7,12 @@
 
 pub mod engine;
 pub mod error;
-pub mod train;
 pub mod mnist;
 pub mod model;
 pub mod schedule;
 pub mod sgd;
 pub mod shapes;
+pub mod train;
 pub mod tree;
 
 pub use error::Error;

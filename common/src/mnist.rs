@@ -149,7 +149,10 @@ fn parse_idx(path: &Path, bytes: &[u8], dims: usize) -> Result<(Vec<usize>, Vec<
     };
     let header = 4 + 4 * dims;
     if bytes.len() < header {
-        return Err(bad(format!("{} bytes is shorter than its header", bytes.len())));
+        return Err(bad(format!(
+            "{} bytes is shorter than its header",
+            bytes.len()
+        )));
     }
     // Magic: two zero bytes, 0x08 (unsigned byte data), then the number of dimensions.
     if bytes[0..3] != [0, 0, 8] || bytes[3] as usize != dims {

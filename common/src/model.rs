@@ -263,22 +263,23 @@ impl ModelSpec {
             output: input.to_string(),
             params: 0,
         }];
-        let add_conv = |rows: &mut Vec<SummaryRow>, name: &str, input: Volume, k: usize, filters: usize| {
-            let s = Conv {
-                input,
-                filter: (k, k),
-                filters,
-                stride: 1,
-                padding: Padding::Same,
-            }
-            .shape()?;
-            rows.push(SummaryRow {
-                layer: format!("{name} ({k}x{k}x{filters}, SAME) + ReLU"),
-                output: s.output.to_string(),
-                params: s.params_shared,
-            });
-            Ok::<Volume, Error>(s.output)
-        };
+        let add_conv =
+            |rows: &mut Vec<SummaryRow>, name: &str, input: Volume, k: usize, filters: usize| {
+                let s = Conv {
+                    input,
+                    filter: (k, k),
+                    filters,
+                    stride: 1,
+                    padding: Padding::Same,
+                }
+                .shape()?;
+                rows.push(SummaryRow {
+                    layer: format!("{name} ({k}x{k}x{filters}, SAME) + ReLU"),
+                    output: s.output.to_string(),
+                    params: s.params_shared,
+                });
+                Ok::<Volume, Error>(s.output)
+            };
         let half = |rows: &mut Vec<SummaryRow>, name: &str, v: Volume| {
             let out = pool(v, 2, 2, Padding::Same)?;
             rows.push(SummaryRow {
@@ -358,7 +359,9 @@ mod tests {
         let outputs: Vec<&str> = rows.iter().map(|r| r.output.as_str()).collect();
         assert_eq!(
             outputs,
-            ["28x28x1", "28x28x32", "14x14x32", "14x14x64", "7x7x64", "3136", "1024", "10"]
+            [
+                "28x28x1", "28x28x32", "14x14x32", "14x14x64", "7x7x64", "3136", "1024", "10"
+            ]
         );
         let total: usize = rows.iter().map(|r| r.params).sum();
         assert_eq!(total, 3_274_634);
@@ -390,7 +393,11 @@ mod layout_tests {
 
     #[test]
     fn dense_weights_convert_to_torch_layout_and_back() {
-        let p = ModelSpec::SEED.params().into_iter().find(|p| p.name == "fc2.weight").unwrap();
+        let p = ModelSpec::SEED
+            .params()
+            .into_iter()
+            .find(|p| p.name == "fc2.weight")
+            .unwrap();
         assert_eq!(p.stored_shape(), vec![1024, 10]);
         let stored: Vec<f32> = (0..p.len()).map(|i| i as f32).collect();
         let torch = p.convert_layout(&stored, true);

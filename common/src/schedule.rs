@@ -79,7 +79,10 @@ mod tests {
     #[test]
     fn a_batch_of_128_cuts_into_four_leaves_of_32() {
         assert_eq!(S.leaves(), vec![0..32, 32..64, 64..96, 96..128]);
-        let odd = Schedule { batch_size: 100, ..S };
+        let odd = Schedule {
+            batch_size: 100,
+            ..S
+        };
         assert_eq!(odd.leaves().last(), Some(&(96..100)));
     }
 

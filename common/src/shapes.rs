@@ -48,7 +48,12 @@ impl fmt::Display for Padding {
 }
 
 /// Output length along one spatial axis.
-pub fn output_len(input: usize, filter: usize, stride: usize, padding: Padding) -> Result<usize, Error> {
+pub fn output_len(
+    input: usize,
+    filter: usize,
+    stride: usize,
+    padding: Padding,
+) -> Result<usize, Error> {
     if input == 0 || filter == 0 || stride == 0 {
         return Err(Error::Shape(format!(
             "input {input}, filter {filter} and stride {stride} must all be positive"
@@ -165,7 +170,12 @@ impl Conv {
 }
 
 /// A pooling layer's output: depth is kept, no parameters.
-pub fn pool(input: Volume, window: usize, stride: usize, padding: Padding) -> Result<Volume, Error> {
+pub fn pool(
+    input: Volume,
+    window: usize,
+    stride: usize,
+    padding: Padding,
+) -> Result<Volume, Error> {
     Ok(Volume::new(
         output_len(input.height, window, stride, padding)?,
         output_len(input.width, window, stride, padding)?,
@@ -196,12 +206,18 @@ mod tests {
 
     #[test]
     fn the_lecture_quiz_gives_13x13x20_with_valid_padding() {
-        assert_eq!(lecture_layer(Padding::Valid).output, Volume::new(13, 13, 20));
+        assert_eq!(
+            lecture_layer(Padding::Valid).output,
+            Volume::new(13, 13, 20)
+        );
     }
 
     #[test]
     fn the_lecture_quiz_gives_14x14x20_with_one_pixel_of_padding() {
-        assert_eq!(lecture_layer(Padding::Explicit(1)).output, Volume::new(14, 14, 20));
+        assert_eq!(
+            lecture_layer(Padding::Explicit(1)).output,
+            Volume::new(14, 14, 20)
+        );
     }
 
     #[test]

@@ -2,13 +2,13 @@
 //! reference for the distributed one: same data order, same micro-batches, same reduction tree,
 //! same SGD, so the cluster must reproduce it bit for bit on one backend.
 
+use crate::Error;
 use crate::engine::{Engine, MicroBatch};
 use crate::mnist::Split;
 use crate::model::ModelSpec;
 use crate::schedule::Schedule;
 use crate::sgd::Sgd;
 use crate::tree::{Node, combine};
-use crate::Error;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -94,7 +94,11 @@ impl<'a> Batcher<'a> {
         if self.cached.as_ref().is_none_or(|(e, _)| *e != epoch) {
             self.cached = Some((epoch, self.schedule.epoch_order(epoch)));
         }
-        let order = self.cached.as_ref().map(|(_, o)| o.as_slice()).unwrap_or_default();
+        let order = self
+            .cached
+            .as_ref()
+            .map(|(_, o)| o.as_slice())
+            .unwrap_or_default();
         let b = self.schedule.batch_size;
         let start = pos as usize * b;
         self.data.gather(&order[start..start + b])
@@ -132,11 +136,19 @@ pub fn node_sums(first: u32, leaf_grads: Vec<Vec<f32>>, nodes: &[Node]) -> Optio
 }
 
 /// One step of the reference loop: returns the mean loss.
-pub fn local_step(cfg: &TrainConfig, engine: &Engine, batcher: &mut Batcher<'_>, state: &mut TrainState) -> Result<f64, Error> {
+pub fn local_step(
+    cfg: &TrainConfig,
+    engine: &Engine,
+    batcher: &mut Batcher<'_>,
+    state: &mut TrainState,
+) -> Result<f64, Error> {
     let schedule = batcher.schedule;
     let batch = batcher.batch(state.step);
     let leaves = schedule.leaves().len() as u32;
-    let grads = engine.gradients(&state.params, &micro_batches(&batch, &schedule, state.step, 0..leaves))?;
+    let grads = engine.gradients(
+        &state.params,
+        &micro_batches(&batch, &schedule, state.step, 0..leaves),
+    )?;
     let loss: f64 = grads.iter().map(|g| g.loss_sum).sum();
     let examples: u32 = grads.iter().map(|g| g.examples).sum();
     let root = Node::root(leaves);
@@ -149,7 +161,12 @@ pub fn local_step(cfg: &TrainConfig, engine: &Engine, batcher: &mut Batcher<'_>,
 }
 
 /// Trains `steps` steps in this process, the way the cluster would.
-pub fn train_local(cfg: &TrainConfig, engine: &Engine, data: &Split, steps: u64) -> Result<TrainState, Error> {
+pub fn train_local(
+    cfg: &TrainConfig,
+    engine: &Engine,
+    data: &Split,
+    steps: u64,
+) -> Result<TrainState, Error> {
     let mut state = TrainState::new(cfg);
     let mut batcher = Batcher::new(data, cfg.schedule(data.len()));
     for _ in 0..steps {

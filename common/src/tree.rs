@@ -115,7 +115,12 @@ mod tests {
     fn leaf_values(n: u32) -> Vec<Vec<f32>> {
         // Values whose float sums depend on the order of addition.
         (0..n)
-            .map(|i| (0..5).map(|j| 1.0 / (1.0 + i as f32 * 7.0 + j as f32)).map(|x| x * 1e3f32.powi(i as i32 % 3)).collect())
+            .map(|i| {
+                (0..5)
+                    .map(|j| 1.0 / (1.0 + i as f32 * 7.0 + j as f32))
+                    .map(|x| x * 1e3f32.powi(i as i32 % 3))
+                    .collect()
+            })
             .collect()
     }
 
@@ -124,8 +129,10 @@ mod tests {
         let mut at_coordinator = BTreeMap::new();
         for range in partition(root.hi, workers) {
             for node in decompose(root, range) {
-                let mut at_worker: BTreeMap<Node, Vec<f32>> =
-                    node.range().map(|i| (Node::new(i, i + 1), leaves[i as usize].clone())).collect();
+                let mut at_worker: BTreeMap<Node, Vec<f32>> = node
+                    .range()
+                    .map(|i| (Node::new(i, i + 1), leaves[i as usize].clone()))
+                    .collect();
                 at_coordinator.insert(node, combine(node, &mut at_worker).unwrap());
             }
         }

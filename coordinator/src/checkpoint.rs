@@ -34,7 +34,9 @@ pub enum CheckpointError {
     },
     #[error("checkpoint {name} is corrupt: {reason}")]
     Corrupt { name: String, reason: String },
-    #[error("checkpoint {name} cannot be resumed by this job: {reason} (start with --fresh, or use the flags it was made with)")]
+    #[error(
+        "checkpoint {name} cannot be resumed by this job: {reason} (start with --fresh, or use the flags it was made with)"
+    )]
     Incompatible { name: String, reason: String },
 }
 
@@ -132,11 +134,16 @@ impl CheckpointStore {
                 (store, prefix)
             }
             Some(u) if u.scheme() == "file" => {
-                let dir = u.to_file_path().map_err(|_| bad("not a local path".into()))?;
+                let dir = u
+                    .to_file_path()
+                    .map_err(|_| bad("not a local path".into()))?;
                 (local(&dir).map_err(bad)?, Path::default())
             }
             Some(u) => return Err(bad(format!("unsupported scheme {}", u.scheme()))),
-            None => (local(std::path::Path::new(url)).map_err(bad)?, Path::default()),
+            None => (
+                local(std::path::Path::new(url)).map_err(bad)?,
+                Path::default(),
+            ),
         };
         Ok(CheckpointStore {
             store,
@@ -180,7 +187,13 @@ impl CheckpointStore {
     }
 
     /// Writes a checkpoint of `state` and points `latest` at it; returns its name.
-    pub async fn save(&self, cfg: &TrainConfig, state: &TrainState, metrics: Metrics, keep_last: usize) -> Result<String, CheckpointError> {
+    pub async fn save(
+        &self,
+        cfg: &TrainConfig,
+        state: &TrainState,
+        metrics: Metrics,
+        keep_last: usize,
+    ) -> Result<String, CheckpointError> {
         let name = checkpoint_name(state.step);
         let model = tensors_blob(cfg.model, &state.params)?;
         let optimizer = tensors_blob(cfg.model, &state.sgd.velocity)?;
@@ -215,7 +228,8 @@ impl CheckpointStore {
             reason: e.to_string(),
         })?;
         self.put(&format!("{name}/{MODEL_BLOB}"), model).await?;
-        self.put(&format!("{name}/{OPTIMIZER_BLOB}"), optimizer).await?;
+        self.put(&format!("{name}/{OPTIMIZER_BLOB}"), optimizer)
+            .await?;
         self.put(&format!("{name}/{MANIFEST}"), json).await?;
         self.put(LATEST, name.clone().into_bytes()).await?;
         if let Err(e) = self.prune(keep_last).await {
@@ -249,15 +263,15 @@ impl CheckpointStore {
         let excess = names.len().saturating_sub(keep_last);
         for name in &names[..excess] {
             let prefix = self.path(name);
-            let objects: Vec<_> = self
-                .store
-                .list(Some(&prefix))
-                .try_collect()
-                .await
-                .map_err(|source| CheckpointError::Store {
-                    path: prefix.to_string(),
-                    source,
-                })?;
+            let objects: Vec<_> =
+                self.store
+                    .list(Some(&prefix))
+                    .try_collect()
+                    .await
+                    .map_err(|source| CheckpointError::Store {
+                        path: prefix.to_string(),
+                        source,
+                    })?;
             for o in objects {
                 let _ = self.store.delete(&o.location).await;
             }
@@ -271,19 +285,25 @@ impl CheckpointStore {
             name: name.to_string(),
             reason,
         };
-        let manifest: Manifest = serde_json::from_slice(&self.get(&format!("{name}/{MANIFEST}")).await?)
-            .map_err(|e| corrupt(format!("manifest: {e}")))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&self.get(&format!("{name}/{MANIFEST}")).await?)
+                .map_err(|e| corrupt(format!("manifest: {e}")))?;
         let mut blobs = BTreeMap::new();
         for (blob, want) in &manifest.blobs {
             let bytes = self.get(&format!("{name}/{blob}")).await?;
             let actual = hex::encode(Sha256::digest(&bytes));
             if actual != want.sha256 {
-                return Err(corrupt(format!("{blob} has SHA-256 {actual}, the manifest says {}", want.sha256)));
+                return Err(corrupt(format!(
+                    "{blob} has SHA-256 {actual}, the manifest says {}",
+                    want.sha256
+                )));
             }
             blobs.insert(blob.clone(), bytes);
         }
         let read = |blob: &str| {
-            let bytes = blobs.get(blob).ok_or_else(|| corrupt(format!("{blob} missing")))?;
+            let bytes = blobs
+                .get(blob)
+                .ok_or_else(|| corrupt(format!("{blob} missing")))?;
             read_tensors(manifest.config.model, bytes).map_err(corrupt)
         };
         let params = read(MODEL_BLOB)?;
@@ -303,7 +323,9 @@ impl CheckpointStore {
 
     /// The newest checkpoint that verifies, following `latest` first and falling back to older
     /// ones (with a warning) when it is corrupt or unreadable.
-    pub async fn load_latest(&self) -> Result<Option<(String, Manifest, TrainState)>, CheckpointError> {
+    pub async fn load_latest(
+        &self,
+    ) -> Result<Option<(String, Manifest, TrainState)>, CheckpointError> {
         let latest = match self.get(LATEST).await {
             Ok(b) => Some(String::from_utf8_lossy(&b).trim().to_string()),
             Err(CheckpointError::Store {
@@ -323,7 +345,9 @@ impl CheckpointStore {
         for name in candidates {
             match self.load(&name).await {
                 Ok((m, s)) => return Ok(Some((name, m, s))),
-                Err(e) => warn!(checkpoint = name, error = %e, "refusing checkpoint; trying the one before"),
+                Err(e) => {
+                    warn!(checkpoint = name, error = %e, "refusing checkpoint; trying the one before")
+                }
             }
         }
         Ok(None)
@@ -338,9 +362,15 @@ impl Manifest {
         theirs.epochs = cfg.epochs;
         theirs.max_steps = cfg.max_steps;
         let reason = if self.config.model != cfg.model {
-            Some(format!("it holds model {}, this job trains {}", self.config.model, cfg.model))
+            Some(format!(
+                "it holds model {}, this job trains {}",
+                self.config.model, cfg.model
+            ))
         } else if theirs != *cfg {
-            Some(format!("it was made with {:?}, this job has {:?}", self.config, cfg))
+            Some(format!(
+                "it was made with {:?}, this job has {:?}",
+                self.config, cfg
+            ))
         } else {
             None
         };
@@ -381,7 +411,11 @@ fn tensors_blob(model: ModelSpec, flat: &[f32]) -> Result<Vec<u8>, CheckpointErr
     for p in &specs {
         let (head, tail) = rest.split_at(p.len().min(rest.len()));
         rest = tail;
-        owned.push((p.name.clone(), p.shape.clone(), proto::encode_f32(&p.convert_layout(head, true))));
+        owned.push((
+            p.name.clone(),
+            p.shape.clone(),
+            proto::encode_f32(&p.convert_layout(head, true)),
+        ));
     }
     let views: Vec<(String, TensorView<'_>)> = owned
         .iter()
@@ -404,7 +438,13 @@ pub fn read_tensors(model: ModelSpec, bytes: &[u8]) -> Result<Vec<f32>, String> 
     for p in model.params() {
         let t = st.tensor(&p.name).map_err(|e| format!("{}: {e}", p.name))?;
         if t.dtype() != Dtype::F32 || t.shape() != p.shape.as_slice() {
-            return Err(format!("{} is {:?} {:?}, expected F32 {:?}", p.name, t.dtype(), t.shape(), p.shape));
+            return Err(format!(
+                "{} is {:?} {:?}, expected F32 {:?}",
+                p.name,
+                t.dtype(),
+                t.shape(),
+                p.shape
+            ));
         }
         let values = proto::decode_f32(t.data(), p.len()).map_err(|e| e.to_string())?;
         flat.extend(p.convert_layout(&values, false));

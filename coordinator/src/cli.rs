@@ -21,10 +21,20 @@ pub fn summary_table(spec: ModelSpec) -> anyhow::Result<String> {
     let width = rows.iter().map(|r| r.layer.len()).max().unwrap_or(5).max(5);
     let mut out = String::new();
     writeln!(out, "Model: {spec}")?;
-    writeln!(out, "{:<width$}  {:>12}  {:>12}", "Layer", "Output", "Params")?;
+    writeln!(
+        out,
+        "{:<width$}  {:>12}  {:>12}",
+        "Layer", "Output", "Params"
+    )?;
     writeln!(out, "{}", "-".repeat(width + 28))?;
     for r in &rows {
-        writeln!(out, "{:<width$}  {:>12}  {:>12}", r.layer, r.output, group(r.params))?;
+        writeln!(
+            out,
+            "{:<width$}  {:>12}  {:>12}",
+            r.layer,
+            r.output,
+            group(r.params)
+        )?;
     }
     writeln!(out, "{}", "-".repeat(width + 28))?;
     let total: usize = rows.iter().map(|r| r.params).sum();
@@ -33,7 +43,13 @@ pub fn summary_table(spec: ModelSpec) -> anyhow::Result<String> {
 }
 
 /// `shape`: the lecture's quiz for one convolution layer.
-pub fn shape(input: &str, filter: &str, filters: usize, stride: usize, padding: &str) -> anyhow::Result<()> {
+pub fn shape(
+    input: &str,
+    filter: &str,
+    filters: usize,
+    stride: usize,
+    padding: &str,
+) -> anyhow::Result<()> {
     let input: Volume = input.parse()?;
     let filter: Volume = filter.parse()?;
     let padding: Padding = padding.parse()?;
@@ -71,7 +87,9 @@ async fn connect(args: &StatusArgs) -> anyhow::Result<StatusClient<tonic::transp
         .timeout(timeout)
         .connect()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {}: {e}", args.coordinator))?;
+        .map_err(|e| {
+            anyhow::anyhow!("cannot reach the coordinator at {}: {e}", args.coordinator)
+        })?;
     Ok(StatusClient::new(channel))
 }
 
@@ -87,7 +105,11 @@ fn state_name(s: i32) -> &'static str {
 }
 
 fn opt(v: f64) -> serde_json::Value {
-    if v.is_finite() { v.into() } else { serde_json::Value::Null }
+    if v.is_finite() {
+        v.into()
+    } else {
+        serde_json::Value::Null
+    }
 }
 
 /// The status as JSON for scripts.
@@ -110,6 +132,9 @@ pub fn status_json(r: &StatusReply) -> serde_json::Value {
         "live_workers": r.live_workers,
         "last_checkpoint": r.last_checkpoint,
         "checkpoint_error": r.checkpoint_error,
+        "bytes_sent": r.bytes_sent,
+        "bytes_received": r.bytes_received,
+        "bad_inputs": r.bad_inputs,
         "workers": r.workers.iter().map(|w| serde_json::json!({
             "id": w.id, "name": w.name, "address": w.address, "backend": w.backend,
             "device": w.device, "state": w.state,
@@ -153,13 +178,16 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.plot {
         let history = client.get_history(GetHistoryRequest {}).await?.into_inner();
         let svg = plot_svg(&history.points);
-        std::fs::write(path, svg).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(path, svg)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
         println!("wrote {} ({} points)", path.display(), history.points.len());
         return Ok(());
     }
     if args.watch {
         let mut stream = client
-            .watch_status(WatchStatusRequest { max_per_second: 4.0 })
+            .watch_status(WatchStatusRequest {
+                max_per_second: 4.0,
+            })
             .await?
             .into_inner();
         while let Some(r) = stream.message().await? {
@@ -211,7 +239,13 @@ pub fn plot_svg(points: &[proto::HistoryPoint]) -> String {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let loss = line(points.iter().filter(|p| p.loss.is_finite()).map(|p| (x(p.step), y(p.loss, max_loss))).collect());
+    let loss = line(
+        points
+            .iter()
+            .filter(|p| p.loss.is_finite())
+            .map(|p| (x(p.step), y(p.loss, max_loss)))
+            .collect(),
+    );
     let acc = line(
         points
             .iter()
@@ -251,8 +285,12 @@ pub async fn checkpoints(url: &str) -> anyhow::Result<()> {
                     m.step,
                     m.epoch + 1,
                     m.metrics.loss.map_or("-".into(), |v| format!("{v:.4}")),
-                    m.metrics.validation_accuracy.map_or("-".into(), |v| format!("{v:.4}")),
-                    m.metrics.test_accuracy.map_or("-".into(), |v| format!("{v:.4}")),
+                    m.metrics
+                        .validation_accuracy
+                        .map_or("-".into(), |v| format!("{v:.4}")),
+                    m.metrics
+                        .test_accuracy
+                        .map_or("-".into(), |v| format!("{v:.4}")),
                     size,
                     m.created
                 );

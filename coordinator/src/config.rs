@@ -56,14 +56,22 @@ pub enum Command {
     Status(StatusArgs),
     /// List the checkpoints at a URL.
     Checkpoints {
-        #[arg(long, env = "COORDINATOR_CHECKPOINT_URL", default_value = "./checkpoints")]
+        #[arg(
+            long,
+            env = "COORDINATOR_CHECKPOINT_URL",
+            default_value = "./checkpoints"
+        )]
         checkpoint_url: String,
     },
 }
 
 #[derive(Debug, Args, Clone)]
 pub struct StatusArgs {
-    #[arg(long, env = "COORDINATOR_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "COORDINATOR_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub coordinator: String,
     /// Follow the job with a live progress bar until it ends.
     #[arg(long)]
@@ -176,7 +184,11 @@ pub struct TrainArgs {
     #[arg(long, env = "COORDINATOR_TEST_SIZE")]
     pub test_size: Option<usize>,
     /// Where checkpoints go: a path, file://, s3://bucket/prefix, gs://, az://.
-    #[arg(long, env = "COORDINATOR_CHECKPOINT_URL", default_value = "./checkpoints")]
+    #[arg(
+        long,
+        env = "COORDINATOR_CHECKPOINT_URL",
+        default_value = "./checkpoints"
+    )]
     pub checkpoint_url: String,
     /// Checkpoint every N steps (also at each epoch end, at the end and on shutdown); 0: never
     /// periodically.
@@ -230,9 +242,11 @@ impl TrainArgs {
         JobConfig {
             train,
             eval_every: self.eval_every.unwrap_or(if lecture { 1 } else { 100 }),
-            validation_size: self
-                .validation_size
-                .unwrap_or(if lecture { 256 } else { common::mnist::VALIDATION }),
+            validation_size: self.validation_size.unwrap_or(if lecture {
+                256
+            } else {
+                common::mnist::VALIDATION
+            }),
             test_size: self.test_size.unwrap_or(if lecture { 256 } else { 10_000 }),
             preset: self.preset,
         }
@@ -251,12 +265,21 @@ impl TrainArgs {
         let job = self.job();
         let t = &job.train;
         let checks = [
-            (self.workers == 0, "--workers must be at least 1".to_string()),
-            (self.min_workers == 0, "--min-workers must be at least 1".into()),
+            (
+                self.workers == 0,
+                "--workers must be at least 1".to_string(),
+            ),
+            (
+                self.min_workers == 0,
+                "--min-workers must be at least 1".into(),
+            ),
             (t.batch_size == 0, "--batch-size must be at least 1".into()),
             (
                 t.micro_batch == 0 || t.micro_batch > t.batch_size,
-                format!("--micro-batch must be between 1 and the batch size ({})", t.batch_size),
+                format!(
+                    "--micro-batch must be between 1 and the batch size ({})",
+                    t.batch_size
+                ),
             ),
             (
                 !(t.lr.is_finite() && t.lr > 0.0),
@@ -271,7 +294,10 @@ impl TrainArgs {
                 "--keep-prob must be in (0, 1]".into(),
             ),
             (t.epochs == 0, "--epochs must be at least 1".into()),
-            (t.max_steps == Some(0), "--max-steps must be at least 1".into()),
+            (
+                t.max_steps == Some(0),
+                "--max-steps must be at least 1".into(),
+            ),
             (
                 !(self.heartbeat_timeout.is_finite() && self.heartbeat_timeout > 0.0),
                 "--heartbeat-timeout must be a positive number of seconds".into(),
@@ -284,7 +310,10 @@ impl TrainArgs {
                 !(self.worker_wait.is_finite() && self.worker_wait > 0.0),
                 "--worker-wait must be a positive number of seconds".into(),
             ),
-            (job.eval_every == 0, "--eval-every must be at least 1".into()),
+            (
+                job.eval_every == 0,
+                "--eval-every must be at least 1".into(),
+            ),
             (self.keep_last == 0, "--keep-last must be at least 1".into()),
         ];
         match checks.into_iter().find(|(bad, _)| *bad) {

@@ -229,7 +229,10 @@ impl Core {
 
     /// Records that `id` was heard from; a lost worker is live again.
     pub fn touch(&mut self, id: WorkerId, now: Instant) -> Result<(), CoreError> {
-        let w = self.workers.get_mut(&id).ok_or(CoreError::UnknownWorker(id))?;
+        let w = self
+            .workers
+            .get_mut(&id)
+            .ok_or(CoreError::UnknownWorker(id))?;
         if w.state == WorkerState::Quarantined {
             return Err(CoreError::Quarantined(id));
         }
@@ -274,7 +277,10 @@ impl Core {
     }
 
     pub fn live_workers(&self) -> usize {
-        self.workers.values().filter(|w| w.state == WorkerState::Live).count()
+        self.workers
+            .values()
+            .filter(|w| w.state == WorkerState::Live)
+            .count()
     }
 
     pub fn workers(&self) -> impl Iterator<Item = &Worker> {
@@ -321,7 +327,11 @@ impl Core {
     }
 
     /// The next shard for an idle worker: a pending one, else a backup of a straggler.
-    pub fn next_task(&mut self, id: WorkerId, now: Instant) -> Result<Option<Assignment>, CoreError> {
+    pub fn next_task(
+        &mut self,
+        id: WorkerId,
+        now: Instant,
+    ) -> Result<Option<Assignment>, CoreError> {
         self.touch(id, now)?;
         // A worker asking for work holds none: anything still booked to it was abandoned
         // (its submission failed in transit, say).
@@ -331,13 +341,18 @@ impl Core {
         let Some(round) = self.round.as_mut() else {
             return Ok(None);
         };
-        let pending = round.shards.iter().position(|s| !s.done && s.running.is_empty());
+        let pending = round
+            .shards
+            .iter()
+            .position(|s| !s.done && s.running.is_empty());
         let backup = || {
             let limit = reference?.mul_f64(factor);
             round.shards.iter().position(|s| {
                 !s.done
                     && s.running.len() == 1
-                    && s.running.iter().all(|(_, _, started)| now.duration_since(*started) > limit)
+                    && s.running
+                        .iter()
+                        .all(|(_, _, started)| now.duration_since(*started) > limit)
             })
         };
         let (index, is_backup) = match pending {
@@ -430,12 +445,16 @@ impl Core {
 
     /// Whether every shard of the current round has an answer.
     pub fn round_complete(&self) -> bool {
-        self.round.as_ref().is_some_and(|r| r.shards.iter().all(|s| s.done))
+        self.round
+            .as_ref()
+            .is_some_and(|r| r.shards.iter().all(|s| s.done))
     }
 
     /// Shards of the current round still without an answer.
     pub fn pending_shards(&self) -> usize {
-        self.round.as_ref().map_or(0, |r| r.shards.iter().filter(|s| !s.done).count())
+        self.round
+            .as_ref()
+            .map_or(0, |r| r.shards.iter().filter(|s| !s.done).count())
     }
 
     /// Ends a complete round, reducing its gradients along the tree.
@@ -459,7 +478,10 @@ impl Core {
         let round = self.round.as_ref()?;
         let mut times = round.shard_times.clone();
         times.sort();
-        times.get(times.len() / 2).copied().or(self.typical_shard_time)
+        times
+            .get(times.len() / 2)
+            .copied()
+            .or(self.typical_shard_time)
     }
 
     fn abandon_tasks_of(&mut self, id: WorkerId) {
@@ -490,7 +512,11 @@ mod tests {
             worker,
             task_id: a.task_id,
             step: a.step,
-            nodes: a.nodes.iter().map(|&n| (n, vec![(n.hi - n.lo) as f32])).collect(),
+            nodes: a
+                .nodes
+                .iter()
+                .map(|&n| (n, vec![(n.hi - n.lo) as f32]))
+                .collect(),
             loss_sum: 1.0,
             examples: (a.leaves.end - a.leaves.start) * 32,
         }
@@ -498,7 +524,9 @@ mod tests {
 
     fn cluster(n: usize, t0: Instant) -> (Core, Vec<WorkerId>) {
         let mut c = core();
-        let ids = (0..n).map(|_| c.register(WorkerInfo::default(), t0)).collect();
+        let ids = (0..n)
+            .map(|_| c.register(WorkerInfo::default(), t0))
+            .collect();
         (c, ids)
     }
 
@@ -533,7 +561,10 @@ mod tests {
         c.submit(answer(&redo, ids[0]), t0 + 5 * SECOND).unwrap();
         assert_eq!(c.take_result().unwrap().sum, vec![4.0]);
         // The lost worker's late answer is refused as stale; no step is applied twice.
-        assert!(matches!(c.submit(answer(&b, ids[1]), t0 + 6 * SECOND), Err(CoreError::StaleStep { .. })));
+        assert!(matches!(
+            c.submit(answer(&b, ids[1]), t0 + 6 * SECOND),
+            Err(CoreError::StaleStep { .. })
+        ));
     }
 
     #[test]
@@ -584,8 +615,14 @@ mod tests {
         let backup = c.next_task(ids[0], t0 + 4 * SECOND).unwrap().unwrap();
         assert!(backup.backup);
         assert_eq!(backup.leaves, slow.leaves);
-        assert_eq!(c.submit(answer(&backup, ids[0]), t0 + 5 * SECOND), Ok(Accepted::Used));
-        assert_eq!(c.submit(answer(&slow, ids[1]), t0 + 5 * SECOND), Ok(Accepted::Late));
+        assert_eq!(
+            c.submit(answer(&backup, ids[0]), t0 + 5 * SECOND),
+            Ok(Accepted::Used)
+        );
+        assert_eq!(
+            c.submit(answer(&slow, ids[1]), t0 + 5 * SECOND),
+            Ok(Accepted::Late)
+        );
         assert_eq!(c.take_result().unwrap().sum, vec![4.0]);
     }
 
@@ -612,10 +649,16 @@ mod tests {
         assert_eq!(c.submit(s, t0), Err(CoreError::UnknownWorker(99)));
         let mut s = answer(&a, ids[0]);
         s.step = 4;
-        assert!(matches!(c.submit(s, t0), Err(CoreError::StaleStep { got: 4, .. })));
+        assert!(matches!(
+            c.submit(s, t0),
+            Err(CoreError::StaleStep { got: 4, .. })
+        ));
         let mut s = answer(&a, ids[1]);
         s.worker = ids[1];
-        assert!(matches!(c.submit(s, t0), Err(CoreError::NotYourTask { .. })));
+        assert!(matches!(
+            c.submit(s, t0),
+            Err(CoreError::NotYourTask { .. })
+        ));
         let mut s = answer(&a, ids[0]);
         s.nodes.pop();
         assert!(matches!(c.submit(s, t0), Err(CoreError::WrongNodes { .. })));

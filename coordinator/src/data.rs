@@ -38,10 +38,13 @@ async fn fetch_missing(dir: &Path, mirror: &str) -> anyhow::Result<()> {
         let tmp = dir.join(format!("{name}.download.gz"));
         tokio::fs::write(&tmp, &body).await?;
         let check = tmp.clone();
-        let verified = tokio::task::spawn_blocking(move || mnist::read_verified(&check, sha)).await?;
+        let verified =
+            tokio::task::spawn_blocking(move || mnist::read_verified(&check, sha)).await?;
         if let Err(e) = verified {
             let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(anyhow::Error::from(e).context(format!("download of {url} failed its checksum")));
+            return Err(
+                anyhow::Error::from(e).context(format!("download of {url} failed its checksum"))
+            );
         }
         tokio::fs::rename(&tmp, dir.join(format!("{name}.gz"))).await?;
     }

@@ -21,9 +21,13 @@ const TICK: Duration = Duration::from_millis(100);
 /// How a job ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Finished { test_accuracy: f64 },
+    Finished {
+        test_accuracy: f64,
+    },
     /// Shut down (SIGTERM/ctrl-c) after checkpointing at `step`.
-    Interrupted { step: u64 },
+    Interrupted {
+        step: u64,
+    },
 }
 
 /// Everything the driver needs.
@@ -41,13 +45,21 @@ pub struct Driver {
 }
 
 impl Driver {
-    pub async fn run(self, mut state: TrainState, shutdown: CancellationToken) -> anyhow::Result<Outcome> {
+    pub async fn run(
+        self,
+        mut state: TrainState,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Outcome> {
         let cfg = self.job.train.clone();
         let train = &self.data.train;
         let schedule = cfg.schedule(train.len());
         let total = cfg.total_steps(train.len());
         let leaves = schedule.leaves();
-        let validation = Arc::new(self.data.validation.slice(0..self.job.validation_size.min(self.data.validation.len())));
+        let validation = Arc::new(
+            self.data
+                .validation
+                .slice(0..self.job.validation_size.min(self.data.validation.len())),
+        );
         let mut batcher = Batcher::new(train, schedule);
         let mut pending_save: Option<JoinHandle<()>> = None;
         {
@@ -56,7 +68,10 @@ impl Driver {
             s.step = state.step;
         }
 
-        if !self.wait_for_workers(self.initial_workers, &shutdown).await? {
+        if !self
+            .wait_for_workers(self.initial_workers, &shutdown)
+            .await?
+        {
             return self.interrupt(state, pending_save).await;
         }
         self.set_state(JobState::Running);
@@ -133,12 +148,18 @@ impl Driver {
                 if pending_save.as_ref().is_none_or(|h| h.is_finished()) {
                     pending_save = Some(self.spawn_save(state.clone()));
                 } else {
-                    warn!(step = state.step, "previous checkpoint still being written; skipping this one");
+                    warn!(
+                        step = state.step,
+                        "previous checkpoint still being written; skipping this one"
+                    );
                 }
             }
         }
 
-        let test = self.data.test.slice(0..self.job.test_size.min(self.data.test.len()));
+        let test = self
+            .data
+            .test
+            .slice(0..self.job.test_size.min(self.data.test.len()));
         let test_accuracy = self.accuracy(&state, Arc::new(test)).await?;
         info!("Testing Accuracy: {test_accuracy:.6}");
         self.shared.status().test_accuracy = Some(test_accuracy);
@@ -153,7 +174,11 @@ impl Driver {
     }
 
     /// Waits until `n` workers are live. False when shut down first; an error past the deadline.
-    async fn wait_for_workers(&self, n: usize, shutdown: &CancellationToken) -> anyhow::Result<bool> {
+    async fn wait_for_workers(
+        &self,
+        n: usize,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<bool> {
         let deadline = tokio::time::Instant::now() + self.worker_wait;
         let mut changed = self.shared.subscribe();
         let mut said = false;
@@ -191,7 +216,10 @@ impl Driver {
     }
 
     /// Waits for the current round's gradients, declaring silent workers lost as it goes.
-    async fn wait_for_round(&self, shutdown: &CancellationToken) -> anyhow::Result<Option<crate::core::RoundResult>> {
+    async fn wait_for_round(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<crate::core::RoundResult>> {
         let mut changed = self.shared.subscribe();
         let mut starved_since: Option<tokio::time::Instant> = None;
         loop {
@@ -199,7 +227,10 @@ impl Driver {
                 let mut core = self.shared.core();
                 let lost = core.tick(Instant::now());
                 for id in &lost {
-                    warn!(worker = id, "worker lost (missed its heartbeat deadline); its shard goes to another worker");
+                    warn!(
+                        worker = id,
+                        "worker lost (missed its heartbeat deadline); its shard goes to another worker"
+                    );
                 }
                 (core.take_result(), core.live_workers())
             };
@@ -242,17 +273,37 @@ impl Driver {
     }
 
     fn spawn_save(&self, state: TrainState) -> JoinHandle<()> {
-        let (store, cfg, shared, keep) = (self.store.clone(), self.job.train.clone(), self.shared.clone(), self.keep_last);
+        let (store, cfg, shared, keep) = (
+            self.store.clone(),
+            self.job.train.clone(),
+            self.shared.clone(),
+            self.keep_last,
+        );
         let metrics = self.metrics();
         tokio::spawn(async move { save_with(&store, &cfg, &state, metrics, keep, &shared).await })
     }
 
     async fn save(&self, state: &TrainState) {
-        save_with(&self.store, &self.job.train, state, self.metrics(), self.keep_last, &self.shared).await;
+        save_with(
+            &self.store,
+            &self.job.train,
+            state,
+            self.metrics(),
+            self.keep_last,
+            &self.shared,
+        )
+        .await;
     }
 
-    async fn interrupt(&self, state: TrainState, pending: Option<JoinHandle<()>>) -> anyhow::Result<Outcome> {
-        info!(step = state.step, "shutting down: writing a checkpoint first");
+    async fn interrupt(
+        &self,
+        state: TrainState,
+        pending: Option<JoinHandle<()>>,
+    ) -> anyhow::Result<Outcome> {
+        info!(
+            step = state.step,
+            "shutting down: writing a checkpoint first"
+        );
         if let Some(h) = pending {
             let _ = h.await;
         }
@@ -284,7 +335,14 @@ impl Driver {
 }
 
 /// Writes one checkpoint, retrying with backoff; a failure is reported in status, never fatal.
-async fn save_with(store: &CheckpointStore, cfg: &common::train::TrainConfig, state: &TrainState, metrics: Metrics, keep: usize, shared: &Shared) {
+async fn save_with(
+    store: &CheckpointStore,
+    cfg: &common::train::TrainConfig,
+    state: &TrainState,
+    metrics: Metrics,
+    keep: usize,
+    shared: &Shared,
+) {
     let mut delay = Duration::from_millis(250);
     for attempt in 1..=4 {
         match store.save(cfg, state, metrics.clone(), keep).await {

@@ -28,7 +28,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 /// Runs a training job to its end, serving gRPC on `listener`.
-pub async fn run(args: TrainArgs, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<Outcome> {
+pub async fn run(
+    args: TrainArgs,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Outcome> {
     args.validate().map_err(anyhow::Error::msg)?;
     let job = args.job();
     let cfg = job.train.clone();
@@ -47,7 +51,12 @@ pub async fn run(args: TrainArgs, listener: TcpListener, shutdown: CancellationT
     if !args.fresh {
         if let Some((name, manifest, resumed)) = store.load_latest().await? {
             manifest.check_compatible(&name, &cfg)?;
-            info!(checkpoint = name, step = resumed.step, url = store.url(), "resuming from checkpoint");
+            info!(
+                checkpoint = name,
+                step = resumed.step,
+                url = store.url(),
+                "resuming from checkpoint"
+            );
             state = resumed;
         }
     }
@@ -71,6 +80,7 @@ pub async fn run(args: TrainArgs, listener: TcpListener, shutdown: CancellationT
         learning_rate: f64::from(cfg.lr),
         images_per_sec: 0.0,
         gradient_bytes_received: 0,
+        task_bytes_sent: 0,
         bad_inputs: 0,
         last_checkpoint: None,
         checkpoint_error: None,
@@ -80,7 +90,14 @@ pub async fn run(args: TrainArgs, listener: TcpListener, shutdown: CancellationT
     };
     // Heartbeats come three times per deadline, so one lost packet never costs a worker.
     let interval_ms = (heartbeat_timeout.as_millis() / 3).clamp(50, 5_000) as u32;
-    let shared = Shared::new(core, status, engine.param_count(), cfg.model, cfg.keep_prob, interval_ms);
+    let shared = Shared::new(
+        core,
+        status,
+        engine.param_count(),
+        cfg.model,
+        cfg.keep_prob,
+        interval_ms,
+    );
 
     let addr = listener.local_addr()?;
     let server_stop = CancellationToken::new();
@@ -106,12 +123,20 @@ pub async fn run(args: TrainArgs, listener: TcpListener, shutdown: CancellationT
 }
 
 /// Serves the Trainer and Status services, health and reflection until `stop`.
-async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) -> anyhow::Result<()> {
+async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     use proto::status_server::StatusServer;
     use proto::trainer_server::TrainerServer;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<TrainerServer<service::TrainerService>>().await;
-    health.set_serving::<StatusServer<status::StatusService>>().await;
+    health
+        .set_serving::<TrainerServer<service::TrainerService>>()
+        .await;
+    health
+        .set_serving::<StatusServer<status::StatusService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

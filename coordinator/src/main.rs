@@ -15,16 +15,23 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         None => train(cli.train).await,
         Some(Command::Train(args)) => train(args).await,
         Some(Command::Summary { model, pool }) => coordinator::cli::summary(model.spec(pool)),
-        Some(Command::Shape { input, filter, filters, stride, padding }) => {
-            coordinator::cli::shape(&input, &filter, filters, stride, &padding)
-        }
+        Some(Command::Shape {
+            input,
+            filter,
+            filters,
+            stride,
+            padding,
+        }) => coordinator::cli::shape(&input, &filter, filters, stride, &padding),
         Some(Command::Status(args)) => coordinator::cli::status(args).await,
-        Some(Command::Checkpoints { checkpoint_url }) => coordinator::cli::checkpoints(&checkpoint_url).await,
+        Some(Command::Checkpoints { checkpoint_url }) => {
+            coordinator::cli::checkpoints(&checkpoint_url).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -52,14 +59,15 @@ async fn on_signal(token: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                token.cancel();
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -46,19 +46,23 @@ fn core_status(e: CoreError) -> Status {
         CoreError::Quarantined(_) => Status::permission_denied(e.to_string()),
         CoreError::StaleStep { .. } => Status::failed_precondition(e.to_string()),
         CoreError::Duplicate(_) => Status::already_exists(e.to_string()),
-        CoreError::UnknownTask(_) | CoreError::NotYourTask { .. } | CoreError::WrongNodes { .. } => {
-            Status::invalid_argument(e.to_string())
-        }
+        CoreError::UnknownTask(_)
+        | CoreError::NotYourTask { .. }
+        | CoreError::WrongNodes { .. } => Status::invalid_argument(e.to_string()),
     }
 }
 
 fn peer<T>(req: &Request<T>) -> String {
-    req.remote_addr().map_or_else(|| "unknown".into(), |a| a.to_string())
+    req.remote_addr()
+        .map_or_else(|| "unknown".into(), |a| a.to_string())
 }
 
 #[tonic::async_trait]
 impl Trainer for TrainerService {
-    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
         let address = peer(&req);
         let r = req.into_inner();
         if r.protocol_version != proto::PROTOCOL_VERSION {
@@ -85,7 +89,14 @@ impl Trainer for TrainerService {
             threads: r.threads,
         };
         let id = self.shared.core().register(info.clone(), Instant::now());
-        info!(worker = id, name = info.name, address = info.address, backend = info.backend, device = info.device, "worker registered");
+        info!(
+            worker = id,
+            name = info.name,
+            address = info.address,
+            backend = info.backend,
+            device = info.device,
+            "worker registered"
+        );
         self.shared.notify();
         Ok(Response::new(RegisterResponse {
             worker_id: id,
@@ -97,10 +108,16 @@ impl Trainer for TrainerService {
         }))
     }
 
-    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
         let id = req.into_inner().worker_id;
         let was_live = self.shared.core().live_workers();
-        self.shared.core().touch(id, Instant::now()).map_err(core_status)?;
+        self.shared
+            .core()
+            .touch(id, Instant::now())
+            .map_err(core_status)?;
         if self.shared.core().live_workers() != was_live {
             info!(worker = id, "worker is back");
             self.shared.notify();
@@ -108,7 +125,10 @@ impl Trainer for TrainerService {
         Ok(Response::new(HeartbeatResponse {}))
     }
 
-    async fn get_work(&self, req: Request<GetWorkRequest>) -> Result<Response<GetWorkResponse>, Status> {
+    async fn get_work(
+        &self,
+        req: Request<GetWorkRequest>,
+    ) -> Result<Response<GetWorkResponse>, Status> {
         let id = req.into_inner().worker_id;
         let deadline = tokio::time::Instant::now() + LONG_POLL;
         let mut changed = self.shared.subscribe();
@@ -132,20 +152,35 @@ impl Trainer for TrainerService {
                     if a.backup {
                         info!(worker = id, step = a.step, leaves = ?a.leaves, "backup shard for a straggler");
                     }
+                    self.shared.status().task_bytes_sent +=
+                        (data.params.len() + (last - first) * (px + 1)) as u64;
                     return Ok(reply(Reply::Task(Task {
                         task_id: a.task_id,
                         step: a.step,
                         params: data.params.clone(),
                         first_leaf: a.leaves.start,
-                        leaf_sizes: a.leaves.clone().map(|l| data.leaves[l as usize].len() as u32).collect(),
-                        images: bytes::Bytes::copy_from_slice(&data.batch.images[first * px..last * px]),
+                        leaf_sizes: a
+                            .leaves
+                            .clone()
+                            .map(|l| data.leaves[l as usize].len() as u32)
+                            .collect(),
+                        images: bytes::Bytes::copy_from_slice(
+                            &data.batch.images[first * px..last * px],
+                        ),
                         labels: bytes::Bytes::copy_from_slice(&data.batch.labels[first..last]),
-                        nodes: a.nodes.iter().map(|n| NodeRange { lo: n.lo, hi: n.hi }).collect(),
+                        nodes: a
+                            .nodes
+                            .iter()
+                            .map(|n| NodeRange { lo: n.lo, hi: n.hi })
+                            .collect(),
                         seed: data.seed,
                     })));
                 }
             }
-            if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
                 return Ok(reply(Reply::Wait(Wait {
                     reason: "no shard free".into(),
                 })));
@@ -153,7 +188,10 @@ impl Trainer for TrainerService {
         }
     }
 
-    async fn submit_gradients(&self, req: Request<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
+    async fn submit_gradients(
+        &self,
+        req: Request<SubmitRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
         let address = peer(&req);
         let r = req.into_inner();
         let worker = r.worker_id;
@@ -164,8 +202,13 @@ impl Trainer for TrainerService {
             let Some(range) = g.node else {
                 return Err(self.bad_input(worker, &address, "gradient without its tree node"));
             };
-            let values = proto::decode_f32(&g.gradient, n)
-                .map_err(|e| self.bad_input(worker, &address, &format!("gradient of the wrong length: {e}")))?;
+            let values = proto::decode_f32(&g.gradient, n).map_err(|e| {
+                self.bad_input(
+                    worker,
+                    &address,
+                    &format!("gradient of the wrong length: {e}"),
+                )
+            })?;
             if values.iter().any(|v| !v.is_finite()) || !g.loss_sum.is_finite() {
                 return Err(self.bad_input(worker, &address, "gradient contains NaN or Inf"));
             }

@@ -54,6 +54,7 @@ pub struct JobStatus {
     pub learning_rate: f64,
     pub images_per_sec: f64,
     pub gradient_bytes_received: u64,
+    pub task_bytes_sent: u64,
     pub bad_inputs: u64,
     pub last_checkpoint: Option<String>,
     pub checkpoint_error: Option<String>,
@@ -82,7 +83,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub fn new(core: Core, status: JobStatus, param_count: usize, model: common::model::ModelSpec, keep_prob: f32, heartbeat_interval_ms: u32) -> Arc<Self> {
+    pub fn new(
+        core: Core,
+        status: JobStatus,
+        param_count: usize,
+        model: common::model::ModelSpec,
+        keep_prob: f32,
+        heartbeat_interval_ms: u32,
+    ) -> Arc<Self> {
         Arc::new(Shared {
             core: Mutex::new(core),
             step_data: Mutex::new(None),

@@ -49,7 +49,10 @@ pub fn snapshot(shared: &Shared) -> StatusReply {
                 name: w.info.name.clone(),
             })
             .collect();
-        let live = core.workers().filter(|w| w.state == WorkerState::Live).count();
+        let live = core
+            .workers()
+            .filter(|w| w.state == WorkerState::Live)
+            .count();
         (workers, live as u64)
     };
     let s = shared.status();
@@ -91,6 +94,9 @@ pub fn snapshot(shared: &Shared) -> StatusReply {
         live_workers: live,
         last_checkpoint: s.last_checkpoint.clone().unwrap_or_default(),
         checkpoint_error: s.checkpoint_error.clone().unwrap_or_default(),
+        bytes_sent: s.task_bytes_sent,
+        bytes_received: s.gradient_bytes_received,
+        bad_inputs: s.bad_inputs,
     }
 }
 
@@ -102,13 +108,19 @@ type StatusStream = Pin<Box<dyn Stream<Item = Result<StatusReply, Status>> + Sen
 
 #[tonic::async_trait]
 impl StatusApi for StatusService {
-    async fn get_status(&self, _: Request<GetStatusRequest>) -> Result<Response<StatusReply>, Status> {
+    async fn get_status(
+        &self,
+        _: Request<GetStatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
         Ok(Response::new(snapshot(&self.shared)))
     }
 
     type WatchStatusStream = StatusStream;
 
-    async fn watch_status(&self, req: Request<WatchStatusRequest>) -> Result<Response<StatusStream>, Status> {
+    async fn watch_status(
+        &self,
+        req: Request<WatchStatusRequest>,
+    ) -> Result<Response<StatusStream>, Status> {
         let rate = req.into_inner().max_per_second;
         let min_gap = if rate > 0.0 {
             Duration::from_secs_f32(1.0 / rate)
@@ -139,10 +151,15 @@ impl StatusApi for StatusService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn get_history(&self, _: Request<GetHistoryRequest>) -> Result<Response<HistoryReply>, Status> {
+    async fn get_history(
+        &self,
+        _: Request<GetHistoryRequest>,
+    ) -> Result<Response<HistoryReply>, Status> {
         let s = self.shared.status();
         Ok(Response::new(HistoryReply {
             points: s

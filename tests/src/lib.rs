@@ -1,1 +1,273 @@
+//! Harness for end-to-end tests: builds the real `coordinator` and `worker` binaries once,
+//! starts them as child processes on 127.0.0.1 (port 0, the bound address read from the log),
+//! one log file per child, waits on readiness with deadlines, attaches log tails to failures,
+//! and kills every child on `Drop`.
 
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The shared MNIST copy the tests train on (`../shared/mnist` from the repository).
+pub fn mnist_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/mnist");
+    dir.canonicalize().unwrap_or(dir)
+}
+
+/// The directory holding the built binaries, building them on first use.
+pub fn bin_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // Test executables live in <target>/<profile>/deps.
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--workspace", "--bins"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        if cfg!(feature = "tch") {
+            cmd.args(["--features", "coordinator/tch,worker/tch"]);
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+        profile_dir
+    })
+    .clone()
+}
+
+/// A fresh scratch directory under the target directory.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = bin_dir()
+        .join("test-scratch")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// A child process with its own log file, killed when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `bin` (a binary of this workspace) with `args`, logging to `dir/name.log`.
+    pub fn start(bin: &str, name: &str, dir: &Path, args: &[String]) -> Result<Proc> {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(bin_dir().join(bin))
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {bin}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last lines of the log, for failure messages.
+    pub fn tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "--- {} ({}) ---\n{}",
+            self.name,
+            self.log.display(),
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        )
+    }
+
+    /// Waits until a log line contains `needle`; returns that line.
+    pub fn wait_for_line(&mut self, needle: &str, within: Duration) -> Result<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(line) = self.log_text().lines().find(|l| l.contains(needle)) {
+                return Ok(line.to_string());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited ({status}) before logging {needle:?}\n{}",
+                    self.name,
+                    self.tail()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not log {needle:?} within {within:?}\n{}",
+                    self.name,
+                    self.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} still running after {within:?}\n{}",
+                    self.name,
+                    self.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends a signal (`"KILL"`, `"STOP"`, `"CONT"`, `"TERM"`).
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .args([format!("-{sig}"), self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{sig} failed");
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a coordinator on 127.0.0.1:0 and returns it with its gRPC URL.
+pub fn start_coordinator(dir: &Path, name: &str, args: &[&str]) -> Result<(Proc, String)> {
+    let mut all: Vec<String> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        mnist_dir().display().to_string(),
+    ];
+    all.extend(args.iter().map(|s| s.to_string()));
+    let mut p = Proc::start("coordinator", name, dir, &all)?;
+    let line = p.wait_for_line("coordinator listening on ", Duration::from_secs(60))?;
+    let addr = line
+        .split("coordinator listening on ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .context("listening line without an address")?;
+    Ok((p, format!("http://{addr}")))
+}
+
+/// Starts a worker against `url`.
+pub fn start_worker(dir: &Path, name: &str, url: &str, args: &[&str]) -> Result<Proc> {
+    let mut all: Vec<String> = vec![
+        "--coordinator".into(),
+        url.into(),
+        "--threads".into(),
+        "1".into(),
+    ];
+    all.extend(args.iter().map(|s| s.to_string()));
+    Proc::start("worker", name, dir, &all)
+}
+
+/// The validation accuracies a coordinator logged, in the lecture's line format.
+pub fn validation_accuracies(log: &str) -> Vec<(f64, f64)> {
+    log.lines()
+        .filter_map(|l| {
+            let loss = l
+                .split("Loss:")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            let acc = l
+                .split("Validation Accuracy:")
+                .nth(1)?
+                .trim()
+                .parse()
+                .ok()?;
+            Some((loss, acc))
+        })
+        .collect()
+}
+
+/// The final test accuracy a coordinator logged.
+pub fn test_accuracy(log: &str) -> Option<f64> {
+    log.lines()
+        .find_map(|l| l.split("Testing Accuracy:").nth(1)?.trim().parse().ok())
+}
+
+/// The parameters of the checkpoint `latest` points to, by PyTorch name, read with the
+/// independent `safetensors` reader.
+pub fn latest_params(checkpoints: &Path) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    let name = std::fs::read_to_string(checkpoints.join("latest"))?;
+    let bytes = std::fs::read(checkpoints.join(name.trim()).join("model.safetensors"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let values = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (n, t.shape().to_vec(), values)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// The manifest of the latest checkpoint.
+pub fn latest_manifest(checkpoints: &Path) -> Result<serde_json::Value> {
+    let name = std::fs::read_to_string(checkpoints.join("latest"))?;
+    Ok(serde_json::from_slice(&std::fs::read(
+        checkpoints.join(name.trim()).join("manifest.json"),
+    )?)?)
+}
+
+/// Runs a whole job (coordinator + `workers` workers) to its end and returns the coordinator's
+/// log. Panics with log tails when it fails.
+pub fn run_job(dir: &Path, workers: usize, args: &[&str], within: Duration) -> Result<String> {
+    let workers_flag = workers.to_string();
+    let mut all = vec!["--workers", workers_flag.as_str()];
+    all.extend_from_slice(args);
+    let (mut c, url) = start_coordinator(dir, "coordinator", &all)?;
+    let mut ws: Vec<Proc> = (0..workers)
+        .map(|i| start_worker(dir, &format!("worker{i}"), &url, &[]))
+        .collect::<Result<_>>()?;
+    let status = c.wait_exit(within)?;
+    let tails: String = ws.iter().map(Proc::tail).collect::<Vec<_>>().join("\n");
+    anyhow::ensure!(
+        status.success(),
+        "coordinator failed: {status}\n{}\n{tails}",
+        c.tail()
+    );
+    for w in &mut ws {
+        let s = w.wait_exit(Duration::from_secs(30))?;
+        anyhow::ensure!(s.success(), "worker {} failed: {s}\n{}", w.name, w.tail());
+    }
+    Ok(c.log_text())
+}

@@ -12,7 +12,9 @@ use common::schedule::Schedule;
 use common::tree::Node;
 use proto::get_work_response::Reply;
 use proto::trainer_client::TrainerClient;
-use proto::{GetWorkRequest, HeartbeatRequest, NodeGradient, NodeRange, RegisterRequest, SubmitRequest, Task};
+use proto::{
+    GetWorkRequest, HeartbeatRequest, NodeGradient, NodeRange, RegisterRequest, SubmitRequest, Task,
+};
 use rand::Rng;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -22,10 +24,18 @@ use tracing::{info, warn};
 
 /// Worker flags; each also readable from the environment.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "worker", version, about = "Computes gradients for the training coordinator")]
+#[command(
+    name = "worker",
+    version,
+    about = "Computes gradients for the training coordinator"
+)]
 pub struct Args {
     /// The coordinator's gRPC URL.
-    #[arg(long, env = "WORKER_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "WORKER_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub coordinator: String,
     /// Compute threads (default: all cores).
     #[arg(long, env = "WORKER_THREADS")]
@@ -60,7 +70,10 @@ impl Args {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        let backend: BackendKind = self.backend.parse().map_err(|e: common::Error| e.to_string())?;
+        let backend: BackendKind = self
+            .backend
+            .parse()
+            .map_err(|e: common::Error| e.to_string())?;
         common::engine::device(backend, &self.device).map_err(|e| e.to_string())?;
         if self.threads == Some(0) {
             return Err("--threads must be at least 1".into());
@@ -81,7 +94,11 @@ impl Args {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error("coordinator at {url} unreachable for {secs:.0}s: {last}")]
-    Unreachable { url: String, secs: f64, last: String },
+    Unreachable {
+        url: String,
+        secs: f64,
+        last: String,
+    },
     #[error("the coordinator refused this worker: {0}")]
     Refused(String),
     #[error(transparent)]
@@ -134,7 +151,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), WorkerEr
         if engine.as_ref().is_none_or(|e| e.spec() != spec) {
             engine = Some(Engine::new(spec, backend, &args.device, reg.keep_prob)?);
         }
-        let Some(engine) = engine.clone() else { continue };
+        let Some(engine) = engine.clone() else {
+            continue;
+        };
         if engine.param_count() as u64 != reg.parameter_count {
             return Err(WorkerError::Refused(format!(
                 "coordinator's model has {} parameters, this worker's {}",
@@ -158,7 +177,16 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), WorkerEr
         match outcome {
             Ok(()) => return Ok(()),
             // The coordinator forgot us (it restarted) or went away: register again.
-            Err(status) if matches!(status.code(), Code::NotFound | Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded) => {
+            Err(status)
+                if matches!(
+                    status.code(),
+                    Code::NotFound
+                        | Code::Unavailable
+                        | Code::Unknown
+                        | Code::Cancelled
+                        | Code::DeadlineExceeded
+                ) =>
+            {
                 warn!(worker = id, error = %status.message(), "lost the coordinator; re-registering");
             }
             Err(status) => return Err(WorkerError::Refused(status.message().to_string())),
@@ -167,7 +195,12 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), WorkerEr
 }
 
 /// Pulls and computes shards until the job ends (Ok) or a call fails (Err).
-async fn work(client: &mut TrainerClient<Channel>, id: u64, engine: &Engine, shutdown: &CancellationToken) -> Result<(), Status> {
+async fn work(
+    client: &mut TrainerClient<Channel>,
+    id: u64,
+    engine: &Engine,
+    shutdown: &CancellationToken,
+) -> Result<(), Status> {
     loop {
         let reply = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -194,10 +227,14 @@ async fn work(client: &mut TrainerClient<Channel>, id: u64, engine: &Engine, shu
                     })
                     .await;
                 match res {
-                    Ok(r) if !r.get_ref().accepted => info!(step, "another copy of this shard answered first"),
+                    Ok(r) if !r.get_ref().accepted => {
+                        info!(step, "another copy of this shard answered first")
+                    }
                     Ok(_) => {}
                     // The step moved on without us (we were declared lost): just ask again.
-                    Err(s) if s.code() == Code::FailedPrecondition => warn!(step, error = %s.message(), "stale answer dropped"),
+                    Err(s) if s.code() == Code::FailedPrecondition => {
+                        warn!(step, error = %s.message(), "stale answer dropped")
+                    }
                     Err(s) => return Err(s),
                 }
             }
@@ -213,7 +250,8 @@ async fn work(client: &mut TrainerClient<Channel>, id: u64, engine: &Engine, shu
 /// Computes a task's node gradients.
 pub fn compute(engine: &Engine, task: &Task) -> Result<Vec<NodeGradient>, WorkerError> {
     let bad = |m: String| WorkerError::BadTask(m);
-    let params = proto::decode_f32(&task.params, engine.param_count()).map_err(|e| bad(format!("parameters: {e}")))?;
+    let params = proto::decode_f32(&task.params, engine.param_count())
+        .map_err(|e| bad(format!("parameters: {e}")))?;
     let total: usize = task.leaf_sizes.iter().map(|&s| s as usize).sum();
     let px = common::mnist::PIXELS;
     if task.labels.len() != total || task.images.len() != total * px {
@@ -241,11 +279,17 @@ pub fn compute(engine: &Engine, task: &Task) -> Result<Vec<NodeGradient>, Worker
     let nodes: Vec<Node> = task.nodes.iter().map(|n| Node::new(n.lo, n.hi)).collect();
     let first = task.first_leaf;
     let last = first + task.leaf_sizes.len() as u32;
-    if nodes.iter().any(|n| n.lo < first || n.hi > last || n.lo >= n.hi) {
-        return Err(bad(format!("nodes {nodes:?} outside leaves {first}..{last}")));
+    if nodes
+        .iter()
+        .any(|n| n.lo < first || n.hi > last || n.lo >= n.hi)
+    {
+        return Err(bad(format!(
+            "nodes {nodes:?} outside leaves {first}..{last}"
+        )));
     }
-    let sums = common::train::node_sums(first, grads.into_iter().map(|g| g.values).collect(), &nodes)
-        .ok_or_else(|| bad("nodes do not tile the leaves".into()))?;
+    let sums =
+        common::train::node_sums(first, grads.into_iter().map(|g| g.values).collect(), &nodes)
+            .ok_or_else(|| bad("nodes do not tile the leaves".into()))?;
     Ok(nodes
         .iter()
         .zip(sums)
@@ -262,7 +306,12 @@ pub fn compute(engine: &Engine, task: &Task) -> Result<Vec<NodeGradient>, Worker
 }
 
 /// Sends heartbeats until `stop`.
-async fn heartbeats(mut client: TrainerClient<Channel>, id: u64, every: Duration, stop: CancellationToken) {
+async fn heartbeats(
+    mut client: TrainerClient<Channel>,
+    id: u64,
+    every: Duration,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -282,7 +331,12 @@ async fn heartbeats(mut client: TrainerClient<Channel>, id: u64, every: Duration
 
 /// Calls `f` until it succeeds, retrying unavailability with exponential backoff and jitter for
 /// at most `patience`. Ok(None) on shutdown; a refusal (not unavailability) is returned at once.
-async fn retrying<T, F, Fut>(url: &str, patience: Duration, shutdown: &CancellationToken, mut f: F) -> Result<Option<T>, WorkerError>
+async fn retrying<T, F, Fut>(
+    url: &str,
+    patience: Duration,
+    shutdown: &CancellationToken,
+    mut f: F,
+) -> Result<Option<T>, WorkerError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Status>>,
@@ -292,7 +346,14 @@ where
     loop {
         let last = match f().await {
             Ok(v) => return Ok(Some(v)),
-            Err(s) if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled) => s.message().to_string(),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
+                ) =>
+            {
+                s.message().to_string()
+            }
             Err(s) => return Err(WorkerError::Refused(s.message().to_string())),
         };
         if started.elapsed() >= patience {
@@ -303,7 +364,9 @@ where
             });
         }
         let jitter = rand::rng().random_range(0.5..1.5);
-        let wait = delay.mul_f64(jitter).min(patience.saturating_sub(started.elapsed()));
+        let wait = delay
+            .mul_f64(jitter)
+            .min(patience.saturating_sub(started.elapsed()));
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(wait) => {}
@@ -315,7 +378,11 @@ where
 fn default_name() -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| "worker".into());
     format!("{host}-{}", std::process::id())
 }

@@ -12,13 +12,17 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = args.validate() {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
     // The tensor kernels run on rayon's global pool: this is what --threads bounds.
-    if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(args.threads()).build_global() {
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads())
+        .build_global()
+    {
         eprintln!("error: cannot size the compute pool: {e}");
         return ExitCode::FAILURE;
     }

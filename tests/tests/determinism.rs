@@ -1,0 +1,88 @@
+//! The result of training does not depend on how many workers computed it: batches are cut
+//! into fixed micro-batches whose gradients are summed along one fixed tree, and dropout masks
+//! are seeded by (seed, step, micro-batch). On one backend the parameters are bit-identical,
+//! so the tolerance is zero.
+
+use cluster_tests::*;
+use common::engine::{BackendKind, Engine};
+use common::model::ModelSpec;
+use common::train::{TrainConfig, train_local};
+use std::path::Path;
+use std::time::Duration;
+
+const STEPS: &str = "20";
+
+fn train_with(workers: usize, name: &str) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let dir = scratch(name);
+    let ck = dir.join("checkpoints");
+    run_job(
+        &dir,
+        workers,
+        &[
+            "--max-steps",
+            STEPS,
+            "--eval-every",
+            "1000",
+            "--validation-size",
+            "200",
+            "--test-size",
+            "200",
+            "--checkpoint-url",
+            ck.to_str().unwrap(),
+        ],
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    latest_params(&ck).unwrap()
+}
+
+#[test]
+fn one_worker_and_three_workers_give_bit_identical_parameters() {
+    let one = train_with(1, "invariance-1");
+    let three = train_with(3, "invariance-3");
+    assert_eq!(one.len(), 8);
+    for (a, b) in one.iter().zip(&three) {
+        assert_eq!(a.0, b.0);
+        assert!(a.2 == b.2, "{} differs between 1 and 3 workers", a.0);
+    }
+}
+
+#[test]
+fn the_cluster_reproduces_the_single_process_training_loop() {
+    let cluster = train_with(2, "vs-local");
+    // The coordinator's defaults.
+    let cfg = TrainConfig {
+        model: ModelSpec::SEED,
+        batch_size: 128,
+        micro_batch: 32,
+        lr: 0.05,
+        momentum: 0.9,
+        keep_prob: 0.75,
+        seed: 1,
+        epochs: 3,
+        max_steps: Some(20),
+    };
+    let data = common::mnist::load(Path::new(&mnist_dir())).unwrap();
+    let engine = Engine::new(cfg.model, BackendKind::Flex, "cpu", cfg.keep_prob).unwrap();
+    let local = train_local(&cfg, &engine, &data.train, 20).unwrap();
+    let mut rest = local.params.as_slice();
+    let mut specs = cfg.model.params();
+    specs.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut by_name = std::collections::BTreeMap::new();
+    for p in cfg.model.params() {
+        let (head, tail) = rest.split_at(p.len());
+        rest = tail;
+        by_name.insert(
+            p.name.clone(),
+            (p.shape.clone(), p.convert_layout(head, true)),
+        );
+    }
+    for (name, shape, values) in &cluster {
+        let (want_shape, want) = &by_name[name];
+        assert_eq!(shape, want_shape, "{name}");
+        assert!(
+            values == want,
+            "{name} differs from the single-process loop"
+        );
+    }
+}
