@@ -194,22 +194,33 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             if args.json {
                 println!("{}", status_json(&r));
             } else {
+                use std::io::{IsTerminal, Write};
                 let width = 30;
-                let filled = (r.progress * width as f64) as usize;
-                println!(
-                    "[{}{}] epoch {} step {}/{} loss {:.4} acc {:.4} ETA {:.0}s {}",
-                    "#".repeat(filled.min(width)),
-                    "-".repeat(width - filled.min(width)),
+                let filled = ((r.progress * width as f64) as usize).min(width);
+                let line = format!(
+                    "[{}{}] epoch {} step {}/{} loss {:.4} acc {:.4} ETA {:.0}s {} workers {}",
+                    "#".repeat(filled),
+                    "-".repeat(width - filled),
                     r.epoch,
                     r.step,
                     r.total_steps,
                     r.last_loss,
                     r.last_validation_accuracy,
                     r.eta_secs,
+                    r.live_workers,
                     state_name(r.state)
                 );
+                // On a terminal the bar redraws in place; piped, it prints one line per update.
+                let mut out = std::io::stdout();
+                if out.is_terminal() {
+                    let _ = write!(out, "\r\x1b[2K{line}");
+                    let _ = out.flush();
+                } else {
+                    let _ = writeln!(out, "{line}");
+                }
             }
         }
+        println!();
         return Ok(());
     }
     let r = client.get_status(GetStatusRequest {}).await?.into_inner();

@@ -129,6 +129,12 @@ pub struct TrainArgs {
     /// gRPC address to listen on (port 0 picks a free port; the bound address is logged).
     #[arg(long, env = "COORDINATOR_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
+    /// Prometheus text endpoint (`GET /metrics`); port 0 picks one (logged).
+    #[arg(long, env = "COORDINATOR_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+    /// Serve no metrics endpoint.
+    #[arg(long, env = "COORDINATOR_NO_METRICS")]
+    pub no_metrics: bool,
     /// Workers to wait for before the first step.
     #[arg(long, env = "COORDINATOR_WORKERS", default_value_t = 2)]
     pub workers: usize,

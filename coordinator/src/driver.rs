@@ -168,8 +168,8 @@ impl Driver {
         }
         self.set_state(JobState::Checkpointing);
         self.save(&state).await;
-        self.finish().await;
         self.set_state(JobState::Finished);
+        self.finish().await;
         Ok(Outcome::Finished { test_accuracy })
     }
 

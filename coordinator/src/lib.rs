@@ -10,6 +10,7 @@ pub mod config;
 pub mod core;
 pub mod data;
 pub mod driver;
+pub mod metrics;
 pub mod service;
 pub mod state;
 pub mod status;
@@ -103,6 +104,16 @@ pub async fn run(
     let server_stop = CancellationToken::new();
     let server = tokio::spawn(serve(shared.clone(), listener, server_stop.clone()));
     info!(%addr, "coordinator listening on {addr}");
+    let metrics = if args.no_metrics {
+        None
+    } else {
+        let l = TcpListener::bind(args.metrics_listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot serve metrics on {}: {e}", args.metrics_listen))?;
+        let maddr = l.local_addr()?;
+        info!("metrics listening on http://{maddr}/metrics");
+        Some(tokio::spawn(metrics::serve(shared.clone(), l, server_stop.clone())))
+    };
 
     let driver = Driver {
         shared: shared.clone(),
@@ -119,6 +130,9 @@ pub async fn run(
     let outcome = driver.run(state, shutdown).await;
     server_stop.cancel();
     let _ = server.await;
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     outcome
 }
 

@@ -166,6 +166,8 @@ pub fn start_coordinator(dir: &Path, name: &str, args: &[&str]) -> Result<(Proc,
         "127.0.0.1:0".into(),
         "--data-dir".into(),
         mnist_dir().display().to_string(),
+        "--metrics-listen".into(),
+        "127.0.0.1:0".into(),
     ];
     all.extend(args.iter().map(|s| s.to_string()));
     let mut p = Proc::start("coordinator", name, dir, &all)?;
@@ -270,4 +272,31 @@ pub fn run_job(dir: &Path, workers: usize, args: &[&str], within: Duration) -> R
         anyhow::ensure!(s.success(), "worker {} failed: {s}\n{}", w.name, w.tail());
     }
     Ok(c.log_text())
+}
+
+/// The coordinator's default training config, stopping after `steps`.
+pub fn default_config(steps: u64) -> common::train::TrainConfig {
+    common::train::TrainConfig {
+        model: common::model::ModelSpec::SEED,
+        batch_size: 128,
+        micro_batch: 32,
+        lr: 0.05,
+        momentum: 0.9,
+        keep_prob: 0.75,
+        seed: 1,
+        epochs: 3,
+        max_steps: Some(steps),
+    }
+}
+
+/// A flat parameter vector as PyTorch-layout tensors by name.
+pub fn torch_layout(cfg: &common::train::TrainConfig, flat: &[f32]) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let mut rest = flat;
+    let mut out = std::collections::BTreeMap::new();
+    for p in cfg.model.params() {
+        let (head, tail) = rest.split_at(p.len());
+        rest = tail;
+        out.insert(p.name.clone(), p.convert_layout(head, true));
+    }
+    out
 }
