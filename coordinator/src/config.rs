@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Train (the default when no subcommand is given).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Print a model's layers with output shapes and parameter counts.
     Summary {
         #[arg(long, default_value = "seed")]
@@ -130,7 +130,11 @@ pub struct TrainArgs {
     #[arg(long, env = "COORDINATOR_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
     /// Prometheus text endpoint (`GET /metrics`); port 0 picks one (logged).
-    #[arg(long, env = "COORDINATOR_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    #[arg(
+        long,
+        env = "COORDINATOR_METRICS_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
     pub metrics_listen: SocketAddr,
     /// Serve no metrics endpoint.
     #[arg(long, env = "COORDINATOR_NO_METRICS")]

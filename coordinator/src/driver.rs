@@ -103,7 +103,7 @@ impl Driver {
             let (epoch, pos) = schedule.locate(step);
             let epoch_end = pos + 1 == schedule.steps_per_epoch();
             let last = state.step == total;
-            let validate = state.step % self.job.eval_every == 0 || epoch_end || last;
+            let validate = state.step.is_multiple_of(self.job.eval_every) || epoch_end || last;
             let accuracy = if validate {
                 let acc = self.accuracy(&state, validation.clone()).await?;
                 info!(
@@ -142,7 +142,8 @@ impl Driver {
             }
             self.shared.notify();
 
-            let periodic = self.checkpoint_every > 0 && state.step % self.checkpoint_every == 0;
+            let periodic =
+                self.checkpoint_every > 0 && state.step.is_multiple_of(self.checkpoint_every);
             if (periodic || epoch_end) && !last {
                 // Training goes on while the checkpoint is written; one write at a time.
                 if pending_save.as_ref().is_none_or(|h| h.is_finished()) {

@@ -49,17 +49,20 @@ pub async fn run(
 
     let store = CheckpointStore::open(&args.checkpoint_url)?;
     let mut state = TrainState::new(&cfg);
-    if !args.fresh {
-        if let Some((name, manifest, resumed)) = store.load_latest().await? {
-            manifest.check_compatible(&name, &cfg)?;
-            info!(
-                checkpoint = name,
-                step = resumed.step,
-                url = store.url(),
-                "resuming from checkpoint"
-            );
-            state = resumed;
-        }
+    let latest = if args.fresh {
+        None
+    } else {
+        store.load_latest().await?
+    };
+    if let Some((name, manifest, resumed)) = latest {
+        manifest.check_compatible(&name, &cfg)?;
+        info!(
+            checkpoint = name,
+            step = resumed.step,
+            url = store.url(),
+            "resuming from checkpoint"
+        );
+        state = resumed;
     }
 
     let heartbeat_timeout = args.heartbeat_timeout();
@@ -112,7 +115,11 @@ pub async fn run(
             .map_err(|e| anyhow::anyhow!("cannot serve metrics on {}: {e}", args.metrics_listen))?;
         let maddr = l.local_addr()?;
         info!("metrics listening on http://{maddr}/metrics");
-        Some(tokio::spawn(metrics::serve(shared.clone(), l, server_stop.clone())))
+        Some(tokio::spawn(metrics::serve(
+            shared.clone(),
+            l,
+            server_stop.clone(),
+        )))
     };
 
     let driver = Driver {

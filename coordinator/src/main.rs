@@ -19,7 +19,7 @@ async fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         None => train(cli.train).await,
-        Some(Command::Train(args)) => train(args).await,
+        Some(Command::Train(args)) => train(*args).await,
         Some(Command::Summary { model, pool }) => coordinator::cli::summary(model.spec(pool)),
         Some(Command::Shape {
             input,

@@ -18,44 +18,123 @@ pub fn render(shared: &Shared) -> String {
     let failures: u64 = s.workers.iter().map(|w| w.failures).sum();
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, kind: &str, value: f64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
     };
-    gauge("dtrain_step", "Steps applied so far.", "gauge", s.step as f64);
-    gauge("dtrain_epoch", "Current epoch (1-based).", "gauge", s.epoch as f64);
-    gauge("dtrain_total_steps", "Steps the job will run.", "gauge", s.total_steps as f64);
-    gauge("dtrain_loss", "Training loss of the last step.", "gauge", s.last_loss);
-    gauge("dtrain_validation_accuracy", "Last validation accuracy.", "gauge", s.last_validation_accuracy);
-    gauge("dtrain_images_per_second", "Training throughput (moving average).", "gauge", s.images_per_sec);
-    gauge("dtrain_live_workers", "Workers currently live.", "gauge", s.live_workers as f64);
-    gauge("dtrain_examples_seen_total", "Training examples processed.", "counter", s.examples_seen as f64);
-    gauge("dtrain_gradient_bytes_received_total", "Gradient bytes received from workers.", "counter", s.bytes_received as f64);
-    gauge("dtrain_task_bytes_sent_total", "Parameter and image bytes sent to workers.", "counter", s.bytes_sent as f64);
-    gauge("dtrain_worker_failures_total", "Times a worker was declared lost.", "counter", failures as f64);
-    gauge("dtrain_bad_inputs_total", "Submissions refused as bad input.", "counter", s.bad_inputs as f64);
-    let _ = writeln!(out, "# HELP dtrain_step_seconds Wall time of a training step.\n# TYPE dtrain_step_seconds histogram");
+    gauge(
+        "dtrain_step",
+        "Steps applied so far.",
+        "gauge",
+        s.step as f64,
+    );
+    gauge(
+        "dtrain_epoch",
+        "Current epoch (1-based).",
+        "gauge",
+        s.epoch as f64,
+    );
+    gauge(
+        "dtrain_total_steps",
+        "Steps the job will run.",
+        "gauge",
+        s.total_steps as f64,
+    );
+    gauge(
+        "dtrain_loss",
+        "Training loss of the last step.",
+        "gauge",
+        s.last_loss,
+    );
+    gauge(
+        "dtrain_validation_accuracy",
+        "Last validation accuracy.",
+        "gauge",
+        s.last_validation_accuracy,
+    );
+    gauge(
+        "dtrain_images_per_second",
+        "Training throughput (moving average).",
+        "gauge",
+        s.images_per_sec,
+    );
+    gauge(
+        "dtrain_live_workers",
+        "Workers currently live.",
+        "gauge",
+        s.live_workers as f64,
+    );
+    gauge(
+        "dtrain_examples_seen_total",
+        "Training examples processed.",
+        "counter",
+        s.examples_seen as f64,
+    );
+    gauge(
+        "dtrain_gradient_bytes_received_total",
+        "Gradient bytes received from workers.",
+        "counter",
+        s.bytes_received as f64,
+    );
+    gauge(
+        "dtrain_task_bytes_sent_total",
+        "Parameter and image bytes sent to workers.",
+        "counter",
+        s.bytes_sent as f64,
+    );
+    gauge(
+        "dtrain_worker_failures_total",
+        "Times a worker was declared lost.",
+        "counter",
+        failures as f64,
+    );
+    gauge(
+        "dtrain_bad_inputs_total",
+        "Submissions refused as bad input.",
+        "counter",
+        s.bad_inputs as f64,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP dtrain_step_seconds Wall time of a training step.\n# TYPE dtrain_step_seconds histogram"
+    );
     for le in BUCKETS {
         let n = steps.iter().filter(|&&t| t <= le).count();
         let _ = writeln!(out, "dtrain_step_seconds_bucket{{le=\"{le}\"}} {n}");
     }
-    let _ = writeln!(out, "dtrain_step_seconds_bucket{{le=\"+Inf\"}} {}", steps.len());
+    let _ = writeln!(
+        out,
+        "dtrain_step_seconds_bucket{{le=\"+Inf\"}} {}",
+        steps.len()
+    );
     let _ = writeln!(out, "dtrain_step_seconds_sum {}", steps.iter().sum::<f64>());
     let _ = writeln!(out, "dtrain_step_seconds_count {}", steps.len());
     out
 }
 
 /// Serves `/metrics` until `stop`.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let shared = shared.clone();
             async move {
                 (
-                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
                     render(&shared),
                 )
             }
         }),
     );
-    axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
 }

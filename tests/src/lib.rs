@@ -220,9 +220,12 @@ pub fn test_accuracy(log: &str) -> Option<f64> {
         .find_map(|l| l.split("Testing Accuracy:").nth(1)?.trim().parse().ok())
 }
 
+/// A tensor read from a checkpoint: name, shape, values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// The parameters of the checkpoint `latest` points to, by PyTorch name, read with the
 /// independent `safetensors` reader.
-pub fn latest_params(checkpoints: &Path) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+pub fn latest_params(checkpoints: &Path) -> Result<Vec<NamedTensor>> {
     let name = std::fs::read_to_string(checkpoints.join("latest"))?;
     let bytes = std::fs::read(checkpoints.join(name.trim()).join("model.safetensors"))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)?;
@@ -290,7 +293,10 @@ pub fn default_config(steps: u64) -> common::train::TrainConfig {
 }
 
 /// A flat parameter vector as PyTorch-layout tensors by name.
-pub fn torch_layout(cfg: &common::train::TrainConfig, flat: &[f32]) -> std::collections::BTreeMap<String, Vec<f32>> {
+pub fn torch_layout(
+    cfg: &common::train::TrainConfig,
+    flat: &[f32],
+) -> std::collections::BTreeMap<String, Vec<f32>> {
     let mut rest = flat;
     let mut out = std::collections::BTreeMap::new();
     for p in cfg.model.params() {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 const STEPS: &str = "20";
 
-fn train_with(workers: usize, name: &str) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+fn train_with(workers: usize, name: &str) -> Vec<NamedTensor> {
     let dir = scratch(name);
     let ck = dir.join("checkpoints");
     run_job(

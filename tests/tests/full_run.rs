@@ -7,7 +7,13 @@ use std::time::Duration;
 #[test]
 fn three_epochs_on_two_workers_reach_99_percent_test_accuracy() {
     let dir = scratch("full-run");
-    let log = run_job(&dir, 2, &["--checkpoint-url", dir.join("ck").to_str().unwrap()], Duration::from_secs(3600)).unwrap();
+    let log = run_job(
+        &dir,
+        2,
+        &["--checkpoint-url", dir.join("ck").to_str().unwrap()],
+        Duration::from_secs(3600),
+    )
+    .unwrap();
     let acc = test_accuracy(&log).unwrap_or_else(|| panic!("no test accuracy in\n{log}"));
     println!("test accuracy after 3 epochs: {acc}");
     assert!(acc >= 0.99, "test accuracy {acc} < 0.99");

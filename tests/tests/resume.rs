@@ -10,19 +10,42 @@ use std::time::{Duration, Instant};
 const STEPS: &str = "30";
 
 fn common_args(ck: &str) -> Vec<String> {
-    ["--max-steps", STEPS, "--eval-every", "1000", "--validation-size", "200", "--test-size", "200", "--checkpoint-every", "5", "--checkpoint-url", ck]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "--max-steps",
+        STEPS,
+        "--eval-every",
+        "1000",
+        "--validation-size",
+        "200",
+        "--test-size",
+        "200",
+        "--checkpoint-every",
+        "5",
+        "--checkpoint-url",
+        ck,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn step_of(url: &str) -> Option<u64> {
     let mut c = StatusClient::connect(url.to_string()).await.ok()?;
-    Some(c.get_status(GetStatusRequest {}).await.ok()?.into_inner().step)
+    Some(
+        c.get_status(GetStatusRequest {})
+            .await
+            .ok()?
+            .into_inner()
+            .step,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -39,12 +62,23 @@ async fn a_coordinator_killed_mid_epoch_resumes_and_ends_where_an_uninterrupted_
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let start = |name: &str| {
-        let mut all = vec!["--listen".to_string(), format!("127.0.0.1:{port}"), "--workers".into(), "2".into(), "--data-dir".into(), mnist_dir().display().to_string(), "--metrics-listen".into(), "127.0.0.1:0".into()];
+        let mut all = vec![
+            "--listen".to_string(),
+            format!("127.0.0.1:{port}"),
+            "--workers".into(),
+            "2".into(),
+            "--data-dir".into(),
+            mnist_dir().display().to_string(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+        ];
         all.extend(common_args(ck.to_str().unwrap()));
         Proc::start("coordinator", name, &dir, &all).unwrap()
     };
     let mut first = start("coordinator-1");
-    first.wait_for_line("coordinator listening on", Duration::from_secs(60)).unwrap();
+    first
+        .wait_for_line("coordinator listening on", Duration::from_secs(60))
+        .unwrap();
     let mut w1 = start_worker(&dir, "worker1", &url, &[]).unwrap();
     let mut w2 = start_worker(&dir, "worker2", &url, &[]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -56,11 +90,31 @@ async fn a_coordinator_killed_mid_epoch_resumes_and_ends_where_an_uninterrupted_
     first.wait_exit(Duration::from_secs(10)).unwrap();
 
     let mut second = start("coordinator-2");
-    let resumed = second.wait_for_line("resuming from checkpoint", Duration::from_secs(60)).unwrap();
-    assert!(resumed.contains("step=10"), "expected to resume at step 10: {resumed}");
-    assert!(second.wait_exit(Duration::from_secs(600)).unwrap().success(), "{}", second.tail());
-    assert!(w1.wait_exit(Duration::from_secs(30)).unwrap().success(), "{}", w1.tail());
-    assert!(w2.wait_exit(Duration::from_secs(30)).unwrap().success(), "{}", w2.tail());
+    let resumed = second
+        .wait_for_line("resuming from checkpoint", Duration::from_secs(60))
+        .unwrap();
+    assert!(
+        resumed.contains("step=10"),
+        "expected to resume at step 10: {resumed}"
+    );
+    assert!(
+        second
+            .wait_exit(Duration::from_secs(600))
+            .unwrap()
+            .success(),
+        "{}",
+        second.tail()
+    );
+    assert!(
+        w1.wait_exit(Duration::from_secs(30)).unwrap().success(),
+        "{}",
+        w1.tail()
+    );
+    assert!(
+        w2.wait_exit(Duration::from_secs(30)).unwrap().success(),
+        "{}",
+        w2.tail()
+    );
     assert!(w1.log_text().contains("re-registering"), "{}", w1.tail());
 
     let resumed = latest_params(&ck).unwrap();
@@ -74,7 +128,20 @@ async fn a_coordinator_killed_mid_epoch_resumes_and_ends_where_an_uninterrupted_
 fn a_corrupted_checkpoint_blob_is_refused_and_the_previous_one_used() {
     let dir = scratch("corrupt-checkpoint");
     let ck = dir.join("ck");
-    let args = ["--max-steps", "10", "--eval-every", "1000", "--validation-size", "100", "--test-size", "100", "--checkpoint-every", "5", "--checkpoint-url", ck.to_str().unwrap()];
+    let args = [
+        "--max-steps",
+        "10",
+        "--eval-every",
+        "1000",
+        "--validation-size",
+        "100",
+        "--test-size",
+        "100",
+        "--checkpoint-every",
+        "5",
+        "--checkpoint-url",
+        ck.to_str().unwrap(),
+    ];
     run_job(&dir, 1, &args, Duration::from_secs(300)).unwrap();
     // Corrupt the newest checkpoint's model blob.
     let latest = std::fs::read_to_string(ck.join("latest")).unwrap();
@@ -84,11 +151,27 @@ fn a_corrupted_checkpoint_blob_is_refused_and_the_previous_one_used() {
     bytes[n - 10] ^= 0xff;
     std::fs::write(&blob, bytes).unwrap();
     // A longer job over the same store resumes from step 5, not the corrupt step 10.
-    let args = ["--max-steps", "12", "--eval-every", "1000", "--validation-size", "100", "--test-size", "100", "--checkpoint-every", "5", "--checkpoint-url", ck.to_str().unwrap()];
+    let args = [
+        "--max-steps",
+        "12",
+        "--eval-every",
+        "1000",
+        "--validation-size",
+        "100",
+        "--test-size",
+        "100",
+        "--checkpoint-every",
+        "5",
+        "--checkpoint-url",
+        ck.to_str().unwrap(),
+    ];
     let log = run_job(&dir, 1, &args, Duration::from_secs(300)).unwrap();
     assert!(log.contains("refusing checkpoint"), "{log}");
     assert!(log.contains("model.safetensors has SHA-256"), "{log}");
-    let line = log.lines().find(|l| l.contains("resuming from checkpoint")).unwrap_or_else(|| panic!("{log}"));
+    let line = log
+        .lines()
+        .find(|l| l.contains("resuming from checkpoint"))
+        .unwrap_or_else(|| panic!("{log}"));
     assert!(line.contains("step=5"), "{line}");
 }
 
@@ -96,9 +179,29 @@ fn a_corrupted_checkpoint_blob_is_refused_and_the_previous_one_used() {
 fn a_checkpoint_reads_back_with_pytorch_names_and_shapes() {
     let dir = scratch("checkpoint-layout");
     let ck = dir.join("ck");
-    run_job(&dir, 1, &["--max-steps", "2", "--eval-every", "1000", "--validation-size", "100", "--test-size", "100", "--checkpoint-url", ck.to_str().unwrap()], Duration::from_secs(300)).unwrap();
+    run_job(
+        &dir,
+        1,
+        &[
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "1000",
+            "--validation-size",
+            "100",
+            "--test-size",
+            "100",
+            "--checkpoint-url",
+            ck.to_str().unwrap(),
+        ],
+        Duration::from_secs(300),
+    )
+    .unwrap();
     let params = latest_params(&ck).unwrap();
-    let shapes: Vec<(&str, Vec<usize>)> = params.iter().map(|(n, s, _)| (n.as_str(), s.clone())).collect();
+    let shapes: Vec<(&str, Vec<usize>)> = params
+        .iter()
+        .map(|(n, s, _)| (n.as_str(), s.clone()))
+        .collect();
     assert_eq!(
         shapes,
         vec![
@@ -114,15 +217,31 @@ fn a_checkpoint_reads_back_with_pytorch_names_and_shapes() {
     );
     let m = latest_manifest(&ck).unwrap();
     assert_eq!(m["step"], 2);
-    assert_eq!(m["input"]["scale"].as_f64().map(|s| (s * 255.0).round()), Some(1.0));
-    assert!(m["blobs"]["model.safetensors"]["sha256"].as_str().is_some_and(|s| s.len() == 64));
+    assert_eq!(
+        m["input"]["scale"].as_f64().map(|s| (s * 255.0).round()),
+        Some(1.0)
+    );
+    assert!(
+        m["blobs"]["model.safetensors"]["sha256"]
+            .as_str()
+            .is_some_and(|s| s.len() == 64)
+    );
     // Values equal the same two steps trained in this process, converted to PyTorch's layout.
     let cfg = default_config(2);
     let data = common::mnist::load(&mnist_dir()).unwrap();
-    let engine = common::engine::Engine::new(cfg.model, common::engine::BackendKind::Flex, "cpu", cfg.keep_prob).unwrap();
+    let engine = common::engine::Engine::new(
+        cfg.model,
+        common::engine::BackendKind::Flex,
+        "cpu",
+        cfg.keep_prob,
+    )
+    .unwrap();
     let live = common::train::train_local(&cfg, &engine, &data.train, 2).unwrap();
     let by_name = torch_layout(&cfg, &live.params);
     for (name, _, values) in &params {
-        assert!(by_name[name] == *values, "{name} differs from the live model");
+        assert!(
+            by_name[name] == *values,
+            "{name} differs from the live model"
+        );
     }
 }

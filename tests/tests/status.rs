@@ -9,17 +9,28 @@ use std::time::{Duration, Instant};
 
 async fn status(url: &str) -> StatusReply {
     let mut c = StatusClient::connect(url.to_string()).await.unwrap();
-    c.get_status(GetStatusRequest {}).await.unwrap().into_inner()
+    c.get_status(GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
 }
 
-async fn wait_until(url: &str, what: &str, within: Duration, f: impl Fn(&StatusReply) -> bool) -> StatusReply {
+async fn wait_until(
+    url: &str,
+    what: &str,
+    within: Duration,
+    f: impl Fn(&StatusReply) -> bool,
+) -> StatusReply {
     let deadline = Instant::now() + within;
     loop {
         let s = status(url).await;
         if f(&s) {
             return s;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}; last status {s:?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last status {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -27,10 +38,17 @@ async fn wait_until(url: &str, what: &str, within: Duration, f: impl Fn(&StatusR
 fn http_get(addr: &str, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
-    body.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
+    body.split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Parses Prometheus text format strictly enough to catch malformed lines.
@@ -38,13 +56,23 @@ fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, f64> {
     let mut out = std::collections::BTreeMap::new();
     for line in text.lines().filter(|l| !l.is_empty()) {
         if let Some(rest) = line.strip_prefix('#') {
-            assert!(rest.starts_with(" HELP ") || rest.starts_with(" TYPE "), "bad comment line {line:?}");
+            assert!(
+                rest.starts_with(" HELP ") || rest.starts_with(" TYPE "),
+                "bad comment line {line:?}"
+            );
             continue;
         }
-        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value in {line:?}"));
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value in {line:?}"));
         let bare = name.split('{').next().unwrap();
-        assert!(bare.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !bare.is_empty(), "bad metric name in {line:?}");
-        let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        assert!(
+            bare.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !bare.is_empty(),
+            "bad metric name in {line:?}"
+        );
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
         out.insert(name.to_string(), v);
     }
     out
@@ -56,11 +84,35 @@ async fn status_follows_a_job_from_waiting_to_finished() {
     let (mut c, url) = start_coordinator(
         &dir,
         "coordinator",
-        &["--workers", "2", "--max-steps", "60", "--eval-every", "10", "--validation-size", "300", "--test-size", "500", "--heartbeat-timeout", "2", "--checkpoint-url", dir.join("ck").to_str().unwrap()],
+        &[
+            "--workers",
+            "2",
+            "--max-steps",
+            "60",
+            "--eval-every",
+            "10",
+            "--validation-size",
+            "300",
+            "--test-size",
+            "500",
+            "--heartbeat-timeout",
+            "2",
+            "--checkpoint-url",
+            dir.join("ck").to_str().unwrap(),
+        ],
     )
     .unwrap();
-    let metrics_line = c.wait_for_line("metrics listening on http://", Duration::from_secs(10)).unwrap();
-    let metrics_addr = metrics_line.split("http://").nth(1).unwrap().split('/').next().unwrap().to_string();
+    let metrics_line = c
+        .wait_for_line("metrics listening on http://", Duration::from_secs(10))
+        .unwrap();
+    let metrics_addr = metrics_line
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
 
     // Before any worker: waiting, step 0.
     let s = status(&url).await;
@@ -70,19 +122,32 @@ async fn status_follows_a_job_from_waiting_to_finished() {
     // Health and reflection work without the .proto file.
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&url).await);
     let h = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "dtrain.v1.Status".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "dtrain.v1.Status".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     let services = list_services(&url).await;
-    assert!(services.contains(&"dtrain.v1.Status".to_string()), "{services:?}");
-    assert!(services.contains(&"dtrain.v1.Trainer".to_string()), "{services:?}");
+    assert!(
+        services.contains(&"dtrain.v1.Status".to_string()),
+        "{services:?}"
+    );
+    assert!(
+        services.contains(&"dtrain.v1.Trainer".to_string()),
+        "{services:?}"
+    );
 
     let mut watch = StatusClient::connect(url.clone())
         .await
         .unwrap()
-        .watch_status(WatchStatusRequest { max_per_second: 20.0 })
+        .watch_status(WatchStatusRequest {
+            max_per_second: 20.0,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -99,8 +164,14 @@ async fn status_follows_a_job_from_waiting_to_finished() {
     let a = wait_until(&url, "step 5", Duration::from_secs(120), |s| s.step >= 5).await;
     assert_eq!(a.state, JobState::Running as i32);
     assert_eq!(a.live_workers, 2);
-    let b = wait_until(&url, "progress", Duration::from_secs(120), |s| s.step > a.step + 2).await;
-    assert!(b.examples_seen > a.examples_seen && b.progress > a.progress, "{a:?} {b:?}");
+    let b = wait_until(&url, "progress", Duration::from_secs(120), |s| {
+        s.step > a.step + 2
+    })
+    .await;
+    assert!(
+        b.examples_seen > a.examples_seen && b.progress > a.progress,
+        "{a:?} {b:?}"
+    );
     assert!(b.images_per_sec > 0.0 && b.last_loss.is_finite() && b.eta_secs > 0.0);
 
     // /metrics parses and agrees with GetStatus.
@@ -108,7 +179,12 @@ async fn status_follows_a_job_from_waiting_to_finished() {
     let m = parse_metrics(&http_get(&metrics_addr, "/metrics"));
     let after = status(&url).await;
     let step = m["dtrain_step"];
-    assert!(step >= before.step as f64 && step <= after.step as f64, "metrics step {step}, status {} .. {}", before.step, after.step);
+    assert!(
+        step >= before.step as f64 && step <= after.step as f64,
+        "metrics step {step}, status {} .. {}",
+        before.step,
+        after.step
+    );
     assert_eq!(m["dtrain_live_workers"], 2.0);
     assert!(m["dtrain_gradient_bytes_received_total"] > 0.0);
     assert!(m.contains_key("dtrain_step_seconds_bucket{le=\"+Inf\"}"));
@@ -122,45 +198,93 @@ async fn status_follows_a_job_from_waiting_to_finished() {
     assert!(json["step"].as_u64().is_some(), "{json}");
     let plot = dir.join("history.svg");
     let out = std::process::Command::new(bin_dir().join("coordinator"))
-        .args(["status", "--plot", plot.to_str().unwrap(), "--coordinator", &url])
+        .args([
+            "status",
+            "--plot",
+            plot.to_str().unwrap(),
+            "--coordinator",
+            &url,
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let svg = std::fs::read_to_string(&plot).unwrap();
-    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.contains("<polyline"), "{svg}");
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.contains("<polyline"),
+        "{svg}"
+    );
 
     // A killed worker shows as lost.
     w1.signal("KILL").unwrap();
-    let lost = wait_until(&url, "a lost worker", Duration::from_secs(30), |s| s.workers.iter().any(|w| w.state == "lost")).await;
+    let lost = wait_until(&url, "a lost worker", Duration::from_secs(30), |s| {
+        s.workers.iter().any(|w| w.state == "lost")
+    })
+    .await;
     assert_eq!(lost.live_workers, 1);
     assert!(lost.workers.iter().any(|w| w.failures == 1));
 
     // Training finishes on the remaining worker; the stream ends with the final state.
-    assert!(c.wait_exit(Duration::from_secs(600)).unwrap().success(), "{}", c.tail());
+    assert!(
+        c.wait_exit(Duration::from_secs(600)).unwrap().success(),
+        "{}",
+        c.tail()
+    );
     let seen = watched.await.unwrap();
     let steps: Vec<u64> = seen.iter().map(|s| s.step).collect();
     assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
-    assert!(steps.iter().collect::<std::collections::BTreeSet<_>>().len() > 10, "{steps:?}");
+    assert!(
+        steps
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            > 10,
+        "{steps:?}"
+    );
     let last = seen.last().unwrap();
     assert_eq!(last.state, JobState::Finished as i32, "{last:?}");
-    assert!(last.has_test_accuracy && last.test_accuracy > 0.5, "{last:?}");
+    assert!(
+        last.has_test_accuracy && last.test_accuracy > 0.5,
+        "{last:?}"
+    );
     assert_eq!(last.step, 60);
 }
 
 async fn list_services(url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let mut client = ServerReflectionClient::new(channel(url).await);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut stream = client.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
-    match stream.message().await.unwrap().and_then(|r| r.message_response) {
-        Some(MessageResponse::ListServicesResponse(l)) => l.service.into_iter().map(|s| s.name).collect(),
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    match stream
+        .message()
+        .await
+        .unwrap()
+        .and_then(|r| r.message_response)
+    {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
         other => panic!("unexpected reflection answer {other:?}"),
     }
 }
 
 async fn channel(url: &str) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap()
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
