@@ -29,6 +29,22 @@ pub fn bin_dir() -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--workspace", "--bins"]);
+        // Cargo gives test processes the package's own variables (CARGO_PKG_NAME, ...). Some
+        // build scripts rerun when those change, which would rebuild half the tree: drop them.
+        for (key, _) in std::env::vars() {
+            let package_var = [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p));
+            if package_var || key == "OUT_DIR" {
+                cmd.env_remove(key);
+            }
+        }
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
