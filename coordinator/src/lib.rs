@@ -165,6 +165,8 @@ async fn serve(
     let max = proto::MAX_MESSAGE_BYTES;
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .initial_stream_window_size(Some(proto::STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

@@ -21,6 +21,13 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Anything larger is refused by tonic with `RESOURCE_EXHAUSTED` before it is buffered whole.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// HTTP/2 flow-control windows for the channels that carry tensors. The defaults (64 KiB) make a
+/// 13 MB message wait for hundreds of window updates; a window larger than one message lets it
+/// stream at memory speed. Both the coordinator's server and the worker's channel use these.
+pub const STREAM_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
+/// See [`STREAM_WINDOW_BYTES`].
+pub const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
+
 /// Encodes f32 values as little-endian bytes, the wire form of every tensor.
 pub fn encode_f32(values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * 4);

@@ -1,6 +1,6 @@
 //! Throughput benchmark: images/s of the single-process loop, of one distributed worker and of
 //! two, each worker on one thread, all measured in this one run on this machine, with ratios
-//! and the bytes sent per step. Run: `cargo run --release -p cluster-tests --example throughput`
+//! and the bytes sent per step. Run: `cargo run -p cluster-tests --example throughput`
 //! (`-- STEPS` to change the 30 timed steps).
 
 use cluster_tests::*;

@@ -117,7 +117,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), WorkerEr
         .map_err(|e| WorkerError::Refused(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(CALL_TIMEOUT)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(proto::STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES));
     let channel = endpoint.connect_lazy();
     let max = proto::MAX_MESSAGE_BYTES;
     let mut client = TrainerClient::new(channel)
