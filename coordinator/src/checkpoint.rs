@@ -272,6 +272,10 @@ impl CheckpointStore {
                         path: prefix.to_string(),
                         source,
                     })?;
+            // The manifest goes first: a deletion cut short leaves an incomplete folder, never a
+            // manifest whose blobs are gone.
+            let mut objects = objects;
+            objects.sort_by_key(|o| o.location.filename() != Some(MANIFEST));
             for o in objects {
                 let _ = self.store.delete(&o.location).await;
             }

@@ -306,6 +306,12 @@ pub async fn checkpoints(url: &str) -> anyhow::Result<()> {
                     m.created
                 );
             }
+            // Blobs without a manifest are a write that never completed (or a deletion that
+            // stopped half-way): not a checkpoint, and never what `latest` points to.
+            Err(crate::checkpoint::CheckpointError::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => println!("{name}  incomplete (no manifest), ignored"),
             Err(e) => println!("{name}  unreadable: {e}"),
         }
     }

@@ -78,10 +78,27 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin` (a binary of this workspace) with `args`, logging to `dir/name.log`.
     pub fn start(bin: &str, name: &str, dir: &Path, args: &[String]) -> Result<Proc> {
+        Self::start_with_env(bin, name, dir, args, &[])
+    }
+
+    /// [`Proc::start`] with extra environment variables.
+    pub fn start_with_env(
+        bin: &str,
+        name: &str,
+        dir: &Path,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Result<Proc> {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log)?;
-        let child = Command::new(bin_dir().join(bin))
+        let program = if bin.contains('/') {
+            PathBuf::from(bin)
+        } else {
+            bin_dir().join(bin)
+        };
+        let child = Command::new(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
