@@ -245,3 +245,88 @@ fn a_checkpoint_reads_back_with_pytorch_names_and_shapes() {
         );
     }
 }
+
+#[test]
+fn a_checkpoint_of_another_model_or_config_is_refused_with_a_clear_message() {
+    let dir = scratch("incompatible");
+    let ck = dir.join("ck");
+    let base = [
+        "--max-steps",
+        "2",
+        "--eval-every",
+        "1000",
+        "--validation-size",
+        "100",
+        "--test-size",
+        "100",
+        "--checkpoint-url",
+        ck.to_str().unwrap(),
+    ];
+    run_job(&dir, 1, &base, Duration::from_secs(300)).unwrap();
+    for (name, extra) in [
+        ("model", ["--model", "inception"]),
+        ("lr", ["--lr", "0.01"]),
+    ] {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(extra);
+        let mut all: Vec<String> = [
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        all.push(mnist_dir().display().to_string());
+        all.extend(args.iter().map(|s| s.to_string()));
+        let mut c = Proc::start("coordinator", name, &dir, &all).unwrap();
+        let status = c.wait_exit(Duration::from_secs(60)).unwrap();
+        assert!(!status.success(), "{}", c.tail());
+        assert!(
+            c.log_text().contains("cannot be resumed by this job"),
+            "{}",
+            c.tail()
+        );
+        assert!(c.log_text().contains("--fresh"), "{}", c.tail());
+    }
+}
+
+#[test]
+fn sigterm_checkpoints_before_exit() {
+    let dir = scratch("sigterm");
+    let ck = dir.join("ck");
+    let (mut c, url) = start_coordinator(
+        &dir,
+        "coordinator",
+        &[
+            "--workers",
+            "1",
+            "--eval-every",
+            "1000",
+            "--validation-size",
+            "100",
+            "--checkpoint-every",
+            "0",
+            "--checkpoint-url",
+            ck.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let _w = start_worker(&dir, "worker", &url, &[]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while rt.block_on(step_of(&url)).unwrap_or(0) < 3 {
+        assert!(Instant::now() < deadline, "{}", c.tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.signal("TERM").unwrap();
+    assert!(
+        c.wait_exit(Duration::from_secs(60)).unwrap().success(),
+        "{}",
+        c.tail()
+    );
+    let step = latest_manifest(&ck).unwrap()["step"].as_u64().unwrap();
+    assert!(step >= 3, "checkpoint at step {step}");
+}
