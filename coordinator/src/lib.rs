@@ -23,7 +23,6 @@ use crate::state::{JobState, JobStatus, Shared};
 use common::engine::{BackendKind, Engine};
 use common::train::TrainState;
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -90,7 +89,6 @@ pub async fn run(
         checkpoint_error: None,
         history: Vec::new(),
         step_seconds: Vec::new(),
-        started: Instant::now(),
     };
     // Heartbeats come three times per deadline, so one lost packet never costs a worker.
     let interval_ms = (heartbeat_timeout.as_millis() / 3).clamp(50, 5_000) as u32;

@@ -6,7 +6,6 @@ use crate::core::Core;
 use bytes::Bytes;
 use common::mnist::Split;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
 use tokio::sync::watch;
 
 /// What a task of the current step is built from.
@@ -60,7 +59,6 @@ pub struct JobStatus {
     pub checkpoint_error: Option<String>,
     pub history: Vec<HistoryPoint>,
     pub step_seconds: Vec<f64>,
-    pub started: Instant,
 }
 
 /// Everything the handlers and the driver share.

@@ -157,6 +157,17 @@ impl Proc {
         }
     }
 
+    /// Waits for a coordinator to log its bound address; returns its gRPC URL.
+    pub fn grpc_url(&mut self) -> Result<String> {
+        let line = self.wait_for_line("coordinator listening on ", Duration::from_secs(60))?;
+        let addr = line
+            .split("coordinator listening on ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .context("listening line without an address")?;
+        Ok(format!("http://{addr}"))
+    }
+
     /// Waits for the process to exit.
     pub fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + within;
@@ -192,25 +203,57 @@ impl Drop for Proc {
     }
 }
 
+/// A coordinator's command line on 127.0.0.1:0 (gRPC and metrics) with the shared MNIST, then
+/// `extra`.
+pub fn coordinator_args(extra: &[impl AsRef<str>]) -> Vec<String> {
+    let mut all: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    all.push(mnist_dir().display().to_string());
+    all.extend(extra.iter().map(|a| a.as_ref().to_string()));
+    all
+}
+
+/// Flags of a short job: `steps` steps, validation and test on 100 images only at the end, a
+/// checkpoint every `every` steps (0: only at the end) to `ck`.
+pub fn short_job(steps: u64, every: u64, ck: &Path) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--eval-every",
+        "1000",
+        "--validation-size",
+        "100",
+        "--test-size",
+        "100",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend([
+        "--max-steps".into(),
+        steps.to_string(),
+        "--checkpoint-every".into(),
+        every.to_string(),
+    ]);
+    v.extend(["--checkpoint-url".into(), ck.display().to_string()]);
+    v
+}
+
 /// Starts a coordinator on 127.0.0.1:0 and returns it with its gRPC URL.
-pub fn start_coordinator(dir: &Path, name: &str, args: &[&str]) -> Result<(Proc, String)> {
-    let mut all: Vec<String> = vec![
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--data-dir".into(),
-        mnist_dir().display().to_string(),
-        "--metrics-listen".into(),
-        "127.0.0.1:0".into(),
-    ];
-    all.extend(args.iter().map(|s| s.to_string()));
-    let mut p = Proc::start("coordinator", name, dir, &all)?;
-    let line = p.wait_for_line("coordinator listening on ", Duration::from_secs(60))?;
-    let addr = line
-        .split("coordinator listening on ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .context("listening line without an address")?;
-    Ok((p, format!("http://{addr}")))
+pub fn start_coordinator(
+    dir: &Path,
+    name: &str,
+    args: &[impl AsRef<str>],
+) -> Result<(Proc, String)> {
+    let mut p = Proc::start("coordinator", name, dir, &coordinator_args(args))?;
+    let url = p.grpc_url()?;
+    Ok((p, url))
 }
 
 /// Starts a worker against `url`.
@@ -288,10 +331,14 @@ pub fn latest_manifest(checkpoints: &Path) -> Result<serde_json::Value> {
 
 /// Runs a whole job (coordinator + `workers` workers) to its end and returns the coordinator's
 /// log. Panics with log tails when it fails.
-pub fn run_job(dir: &Path, workers: usize, args: &[&str], within: Duration) -> Result<String> {
-    let workers_flag = workers.to_string();
-    let mut all = vec!["--workers", workers_flag.as_str()];
-    all.extend_from_slice(args);
+pub fn run_job(
+    dir: &Path,
+    workers: usize,
+    args: &[impl AsRef<str>],
+    within: Duration,
+) -> Result<String> {
+    let mut all = vec!["--workers".to_string(), workers.to_string()];
+    all.extend(args.iter().map(|a| a.as_ref().to_string()));
     let (mut c, url) = start_coordinator(dir, "coordinator", &all)?;
     let mut ws: Vec<Proc> = (0..workers)
         .map(|i| start_worker(dir, &format!("worker{i}"), &url, &[]))

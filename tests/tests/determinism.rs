@@ -9,7 +9,7 @@ use common::train::train_local;
 use std::path::Path;
 use std::time::Duration;
 
-const STEPS: &str = "20";
+const STEPS: u64 = 20;
 
 fn train_with(workers: usize, name: &str) -> Vec<NamedTensor> {
     let dir = scratch(name);
@@ -17,18 +17,7 @@ fn train_with(workers: usize, name: &str) -> Vec<NamedTensor> {
     run_job(
         &dir,
         workers,
-        &[
-            "--max-steps",
-            STEPS,
-            "--eval-every",
-            "1000",
-            "--validation-size",
-            "200",
-            "--test-size",
-            "200",
-            "--checkpoint-url",
-            ck.to_str().unwrap(),
-        ],
+        &short_job(STEPS, 0, &ck),
         Duration::from_secs(600),
     )
     .unwrap();
@@ -49,10 +38,10 @@ fn one_worker_and_three_workers_give_bit_identical_parameters() {
 #[test]
 fn the_cluster_reproduces_the_single_process_training_loop() {
     let cluster = train_with(2, "vs-local");
-    let cfg = default_config(20);
+    let cfg = default_config(STEPS);
     let data = common::mnist::load(Path::new(&mnist_dir())).unwrap();
     let engine = Engine::new(cfg.model, BackendKind::Flex, "cpu", cfg.keep_prob).unwrap();
-    let local = train_local(&cfg, &engine, &data.train, 20).unwrap();
+    let local = train_local(&cfg, &engine, &data.train, STEPS).unwrap();
     let by_name = torch_layout(&cfg, &local.params);
     for (name, shape, values) in &cluster {
         let want = &by_name[name];

@@ -7,26 +7,8 @@ use proto::GetStatusRequest;
 use proto::status_client::StatusClient;
 use std::time::{Duration, Instant};
 
-const STEPS: &str = "30";
-
-fn common_args(ck: &str) -> Vec<String> {
-    [
-        "--max-steps",
-        STEPS,
-        "--eval-every",
-        "1000",
-        "--validation-size",
-        "200",
-        "--test-size",
-        "200",
-        "--checkpoint-every",
-        "5",
-        "--checkpoint-url",
-        ck,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+fn common_args(ck: &std::path::Path) -> Vec<String> {
+    short_job(30, 5, ck)
 }
 
 fn free_port() -> u16 {
@@ -52,9 +34,13 @@ async fn step_of(url: &str) -> Option<u64> {
 async fn a_coordinator_killed_mid_epoch_resumes_and_ends_where_an_uninterrupted_run_does() {
     let reference_dir = scratch("resume-reference");
     let ck_ref = reference_dir.join("ck");
-    let args = common_args(ck_ref.to_str().unwrap());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    run_job(&reference_dir, 2, &args, Duration::from_secs(600)).unwrap();
+    run_job(
+        &reference_dir,
+        2,
+        &common_args(&ck_ref),
+        Duration::from_secs(600),
+    )
+    .unwrap();
     let reference = latest_params(&ck_ref).unwrap();
 
     let dir = scratch("resume");
@@ -62,18 +48,11 @@ async fn a_coordinator_killed_mid_epoch_resumes_and_ends_where_an_uninterrupted_
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let start = |name: &str| {
-        let mut all = vec![
-            "--listen".to_string(),
-            format!("127.0.0.1:{port}"),
-            "--workers".into(),
-            "2".into(),
-            "--data-dir".into(),
-            mnist_dir().display().to_string(),
-            "--metrics-listen".into(),
-            "127.0.0.1:0".into(),
-        ];
-        all.extend(common_args(ck.to_str().unwrap()));
-        Proc::start("coordinator", name, &dir, &all).unwrap()
+        // A fixed port, so the restarted coordinator is where the workers look for it.
+        let mut args = vec!["--workers".to_string(), "2".into()];
+        args.extend(common_args(&ck));
+        args.extend(["--listen".to_string(), format!("127.0.0.1:{port}")]);
+        Proc::start("coordinator", name, &dir, &coordinator_args(&args)).unwrap()
     };
     let mut first = start("coordinator-1");
     first
@@ -128,20 +107,7 @@ async fn a_coordinator_killed_mid_epoch_resumes_and_ends_where_an_uninterrupted_
 fn a_corrupted_checkpoint_blob_is_refused_and_the_previous_one_used() {
     let dir = scratch("corrupt-checkpoint");
     let ck = dir.join("ck");
-    let args = [
-        "--max-steps",
-        "10",
-        "--eval-every",
-        "1000",
-        "--validation-size",
-        "100",
-        "--test-size",
-        "100",
-        "--checkpoint-every",
-        "5",
-        "--checkpoint-url",
-        ck.to_str().unwrap(),
-    ];
+    let args = short_job(10, 5, &ck);
     run_job(&dir, 1, &args, Duration::from_secs(300)).unwrap();
     // Corrupt the newest checkpoint's model blob.
     let latest = std::fs::read_to_string(ck.join("latest")).unwrap();
@@ -151,20 +117,7 @@ fn a_corrupted_checkpoint_blob_is_refused_and_the_previous_one_used() {
     bytes[n - 10] ^= 0xff;
     std::fs::write(&blob, bytes).unwrap();
     // A longer job over the same store resumes from step 5, not the corrupt step 10.
-    let args = [
-        "--max-steps",
-        "12",
-        "--eval-every",
-        "1000",
-        "--validation-size",
-        "100",
-        "--test-size",
-        "100",
-        "--checkpoint-every",
-        "5",
-        "--checkpoint-url",
-        ck.to_str().unwrap(),
-    ];
+    let args = short_job(12, 5, &ck);
     let log = run_job(&dir, 1, &args, Duration::from_secs(300)).unwrap();
     assert!(log.contains("refusing checkpoint"), "{log}");
     assert!(log.contains("model.safetensors has SHA-256"), "{log}");
@@ -179,24 +132,7 @@ fn a_corrupted_checkpoint_blob_is_refused_and_the_previous_one_used() {
 fn a_checkpoint_reads_back_with_pytorch_names_and_shapes() {
     let dir = scratch("checkpoint-layout");
     let ck = dir.join("ck");
-    run_job(
-        &dir,
-        1,
-        &[
-            "--max-steps",
-            "2",
-            "--eval-every",
-            "1000",
-            "--validation-size",
-            "100",
-            "--test-size",
-            "100",
-            "--checkpoint-url",
-            ck.to_str().unwrap(),
-        ],
-        Duration::from_secs(300),
-    )
-    .unwrap();
+    run_job(&dir, 1, &short_job(2, 0, &ck), Duration::from_secs(300)).unwrap();
     let params = latest_params(&ck).unwrap();
     let shapes: Vec<(&str, Vec<usize>)> = params
         .iter()
@@ -250,38 +186,16 @@ fn a_checkpoint_reads_back_with_pytorch_names_and_shapes() {
 fn a_checkpoint_of_another_model_or_config_is_refused_with_a_clear_message() {
     let dir = scratch("incompatible");
     let ck = dir.join("ck");
-    let base = [
-        "--max-steps",
-        "2",
-        "--eval-every",
-        "1000",
-        "--validation-size",
-        "100",
-        "--test-size",
-        "100",
-        "--checkpoint-url",
-        ck.to_str().unwrap(),
-    ];
+    let base = short_job(2, 0, &ck);
     run_job(&dir, 1, &base, Duration::from_secs(300)).unwrap();
     for (name, extra) in [
         ("model", ["--model", "inception"]),
         ("lr", ["--lr", "0.01"]),
     ] {
-        let mut args: Vec<&str> = base.to_vec();
-        args.extend(extra);
-        let mut all: Vec<String> = [
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        all.push(mnist_dir().display().to_string());
-        all.extend(args.iter().map(|s| s.to_string()));
-        let mut c = Proc::start("coordinator", name, &dir, &all).unwrap();
+        let mut args = base.clone();
+        args.extend(extra.map(String::from));
+        // It refuses before it listens, so start it without waiting for the address.
+        let mut c = Proc::start("coordinator", name, &dir, &coordinator_args(&args)).unwrap();
         let status = c.wait_exit(Duration::from_secs(60)).unwrap();
         assert!(!status.success(), "{}", c.tail());
         assert!(

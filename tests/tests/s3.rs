@@ -73,43 +73,18 @@ fn start_s3(weed: &Path, dir: &Path, name: &str) -> Proc {
     p
 }
 
-fn job(dir: &Path, name: &str, url: &str, steps: &str) -> (Proc, String, Vec<Proc>) {
-    let mut all: Vec<String> = [
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-        "--max-steps",
-        steps,
-        "--eval-every",
-        "1000",
-        "--validation-size",
-        "100",
-        "--test-size",
-        "100",
-        "--checkpoint-every",
-        "5",
-        "--checkpoint-url",
-        url,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    all.extend(["--data-dir".to_string(), mnist_dir().display().to_string()]);
-    let mut c = Proc::start_with_env("coordinator", name, dir, &all, &s3_env()).unwrap();
-    let line = c
-        .wait_for_line("coordinator listening on ", Duration::from_secs(60))
-        .unwrap();
-    let addr = line
-        .split("coordinator listening on ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap();
-    let grpc = format!("http://{addr}");
+fn job(dir: &Path, name: &str, url: &str, steps: u64) -> (Proc, String, Vec<Proc>) {
+    let mut args = vec!["--workers".to_string(), "1".into()];
+    args.extend(short_job(steps, 5, Path::new(url)));
+    let mut c = Proc::start_with_env(
+        "coordinator",
+        name,
+        dir,
+        &coordinator_args(&args),
+        &s3_env(),
+    )
+    .unwrap();
+    let grpc = c.grpc_url().unwrap();
     let w = start_worker(dir, &format!("{name}-worker"), &grpc, &[]).unwrap();
     (c, grpc, vec![w])
 }
@@ -135,7 +110,7 @@ fn checkpoints_go_to_s3_and_a_new_coordinator_resumes_from_there() {
     let dir = scratch("s3-resume");
     let _s3 = start_s3(&weed, &dir, "s3");
     let url = "s3://dtrain/resume";
-    let (mut c, _, _w) = job(&dir, "first", url, "12");
+    let (mut c, _, _w) = job(&dir, "first", url, 12);
     assert!(
         c.wait_exit(Duration::from_secs(300)).unwrap().success(),
         "{}",
@@ -144,7 +119,7 @@ fn checkpoints_go_to_s3_and_a_new_coordinator_resumes_from_there() {
     let listing = list(&dir, url);
     assert!(listing.contains("step-0000000012  step 12"), "{listing}");
     assert!(listing.contains("step-0000000010  step 10"), "{listing}");
-    let (mut c, _, _w) = job(&dir, "second", url, "15");
+    let (mut c, _, _w) = job(&dir, "second", url, 15);
     let line = c
         .wait_for_line("resuming from checkpoint", Duration::from_secs(60))
         .unwrap();
@@ -163,7 +138,7 @@ async fn an_s3_outage_during_checkpoints_never_stops_training_nor_tears_latest()
     let dir = scratch("s3-outage");
     let mut s3 = start_s3(&weed, &dir, "s3-1");
     let url = "s3://dtrain/outage";
-    let (mut c, grpc, _w) = job(&dir, "coordinator", url, "60");
+    let (mut c, grpc, _w) = job(&dir, "coordinator", url, 60);
     let mut client = StatusClient::connect(grpc.clone()).await.unwrap();
     let step = |s: &proto::StatusReply| s.step;
     let deadline = Instant::now() + Duration::from_secs(300);
