@@ -206,16 +206,17 @@ impl Drop for Proc {
 /// A coordinator's command line on 127.0.0.1:0 (gRPC and metrics) with the shared MNIST, then
 /// `extra`.
 pub fn coordinator_args(extra: &[impl AsRef<str>]) -> Vec<String> {
-    let mut all: Vec<String> = [
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--data-dir",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    // `--listen` may be given in `extra` (a fixed port); clap refuses it twice.
+    let own_listen = extra.iter().any(|a| a.as_ref() == "--listen");
+    let mut all: Vec<String> = Vec::new();
+    if !own_listen {
+        all.extend(["--listen".to_string(), "127.0.0.1:0".into()]);
+    }
+    all.extend([
+        "--metrics-listen".to_string(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+    ]);
     all.push(mnist_dir().display().to_string());
     all.extend(extra.iter().map(|a| a.as_ref().to_string()));
     all
