@@ -64,7 +64,18 @@ pub fn device(backend: BackendKind, name: &str) -> Result<Device, Error> {
         (BackendKind::Tch, "cpu", _) => Ok(Device::libtorch()),
         #[cfg(feature = "tch")]
         #[allow(deprecated)]
-        (BackendKind::Tch, _, Some(Ok(i))) => Ok(Device::libtorch_cuda(i)),
+        (BackendKind::Tch, _, Some(Ok(i))) => {
+            let found = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+            if i >= found {
+                return Err(Error::UnknownDevice(format!(
+                    "{name} (libtorch sees {found} CUDA devices)"
+                )));
+            }
+            // Reproducible runs: cuDNN picks its algorithms by fixed heuristics instead of
+            // timing candidates (the timing winner varies from run to run).
+            tch::Cuda::cudnn_set_benchmark(false);
+            Ok(Device::libtorch_cuda(i))
+        }
         #[cfg(not(feature = "tch"))]
         (BackendKind::Tch, _, _) => Err(Error::BackendUnavailable {
             backend: "tch",
@@ -72,6 +83,25 @@ pub fn device(backend: BackendKind, name: &str) -> Result<Device, Error> {
         }),
         _ => Err(Error::UnknownDevice(name.to_string())),
     }
+}
+
+/// Bounds the process's compute threads: rayon's global pool, which the flex backend runs on,
+/// and libtorch's intra-op pool. Call once, before any tensor work.
+pub fn set_compute_threads(n: usize) -> Result<(), Error> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| Error::Tensor(format!("cannot size the compute pool: {e}")))?;
+    set_libtorch_threads(n);
+    Ok(())
+}
+
+/// Sets libtorch's intra-op threads (may change at any time); nothing without the `tch` build.
+pub fn set_libtorch_threads(n: usize) {
+    #[cfg(feature = "tch")]
+    tch::set_num_threads(i32::try_from(n).unwrap_or(i32::MAX));
+    #[cfg(not(feature = "tch"))]
+    let _ = n;
 }
 
 /// One micro-batch to differentiate.

@@ -140,6 +140,7 @@ pub fn status_json(r: &StatusReply) -> serde_json::Value {
             "device": w.device, "state": w.state,
             "last_heartbeat_secs_ago": w.last_heartbeat_secs_ago,
             "steps_done": w.steps_done, "mean_step_ms": w.mean_step_ms, "failures": w.failures,
+            "bad_inputs": w.bad_inputs, "last_bad_input": w.last_bad_input,
         })).collect::<Vec<_>>(),
     })
 }
@@ -168,6 +169,12 @@ fn status_text(r: &StatusReply) -> String {
             "  worker {} {} {} {}/{} {} | heard {:.1}s ago | {} shards, {:.0} ms each | {} failures\n",
             w.id, w.name, w.address, w.backend, w.device, w.state, w.last_heartbeat_secs_ago, w.steps_done, w.mean_step_ms, w.failures
         ));
+        if w.bad_inputs > 0 {
+            out.push_str(&format!(
+                "    {} bad inputs, last: {}\n",
+                w.bad_inputs, w.last_bad_input
+            ));
+        }
     }
     out
 }

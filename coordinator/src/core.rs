@@ -227,8 +227,9 @@ impl Core {
         id
     }
 
-    /// Records that `id` was heard from; a lost worker is live again.
-    pub fn touch(&mut self, id: WorkerId, now: Instant) -> Result<(), CoreError> {
+    /// Records that `id` was heard from; a lost worker is live again. Returns true when this
+    /// revived a lost worker.
+    pub fn touch(&mut self, id: WorkerId, now: Instant) -> Result<bool, CoreError> {
         let w = self
             .workers
             .get_mut(&id)
@@ -236,9 +237,10 @@ impl Core {
         if w.state == WorkerState::Quarantined {
             return Err(CoreError::Quarantined(id));
         }
+        let revived = w.state == WorkerState::Lost;
         w.state = WorkerState::Live;
         w.last_seen = now;
-        Ok(())
+        Ok(revived)
     }
 
     /// Declares silent workers lost and requeues their shards. Returns the newly lost.

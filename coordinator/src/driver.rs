@@ -82,10 +82,13 @@ impl Driver {
             }
             let started = Instant::now();
             let step = state.step;
+            let batch = batcher.batch(step);
+            // The batch size comes from here, never from what workers report.
+            let examples = batch.labels.len() as u32;
             let data = StepData {
                 step,
                 params: proto::encode_f32(&state.params).into(),
-                batch: batcher.batch(step),
+                batch,
                 leaves: leaves.clone(),
                 seed: cfg.seed,
             };
@@ -96,8 +99,8 @@ impl Driver {
             let Some(result) = self.wait_for_round(&shutdown).await? else {
                 return self.interrupt(state, pending_save).await;
             };
-            state.apply(&result.sum, result.examples);
-            let loss = result.loss_sum / f64::from(result.examples.max(1));
+            state.apply(&result.sum, examples);
+            let loss = result.loss_sum / f64::from(examples.max(1));
             let elapsed = started.elapsed().as_secs_f64();
 
             let (epoch, pos) = schedule.locate(step);
@@ -115,20 +118,20 @@ impl Driver {
                 );
                 Some(acc)
             } else {
-                debug!(step, loss, "step done");
                 None
             };
+            debug!(step = state.step, loss, "step done");
             {
                 let mut s = self.shared.status();
                 s.step = state.step;
                 s.epoch = epoch;
-                s.examples_seen += u64::from(result.examples);
+                s.examples_seen += u64::from(examples);
                 s.last_loss = Some(loss);
                 if accuracy.is_some() {
                     s.last_validation_accuracy = accuracy;
                 }
                 s.step_seconds.push(elapsed);
-                let rate = f64::from(result.examples) / elapsed.max(1e-9);
+                let rate = f64::from(examples) / elapsed.max(1e-9);
                 s.images_per_sec = if s.images_per_sec == 0.0 {
                     rate
                 } else {

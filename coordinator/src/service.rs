@@ -113,12 +113,12 @@ impl Trainer for TrainerService {
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let id = req.into_inner().worker_id;
-        let was_live = self.shared.core().live_workers();
-        self.shared
+        let revived = self
+            .shared
             .core()
             .touch(id, Instant::now())
             .map_err(core_status)?;
-        if self.shared.core().live_workers() != was_live {
+        if revived {
             info!(worker = id, "worker is back");
             self.shared.notify();
         }

@@ -47,6 +47,8 @@ pub fn snapshot(shared: &Shared) -> StatusReply {
                 },
                 failures: w.failures,
                 name: w.info.name.clone(),
+                bad_inputs: w.bad_inputs,
+                last_bad_input: w.last_bad_input.clone().unwrap_or_default(),
             })
             .collect();
         let live = core

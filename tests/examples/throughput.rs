@@ -1,7 +1,9 @@
-//! Throughput benchmark: images/s of the single-process loop, of one distributed worker and of
-//! two, each worker on one thread, all measured in this one run on this machine, with ratios
-//! and the bytes sent per step. Run: `cargo run -p cluster-tests --example throughput`
-//! (`-- STEPS` to change the 30 timed steps).
+//! Throughput benchmark: images/s of the single-process loop (1 and 2 threads), of one
+//! distributed worker (1 and 2 threads) and of two one-thread workers, per backend, all measured
+//! in this one run on this machine, with ratios and the bytes sent per step.
+//!
+//!   cargo run -p cluster-tests --example throughput [-- STEPS]            (flex; 30 steps)
+//!   BENCH_BACKENDS=flex,tch cargo run -p cluster-tests --features tch --example throughput
 
 use cluster_tests::*;
 use common::engine::{BackendKind, Engine};
@@ -28,25 +30,42 @@ fn cfg() -> TrainConfig {
     }
 }
 
-/// Images/s of the in-process loop on the current rayon pool.
-fn local(data: &common::mnist::Split, steps: u64) -> anyhow::Result<f64> {
+/// Images/s of the in-process loop on `threads` threads.
+fn local(
+    data: &common::mnist::Split,
+    backend: BackendKind,
+    threads: usize,
+    steps: u64,
+) -> anyhow::Result<f64> {
     let cfg = cfg();
-    let engine = Engine::new(cfg.model, BackendKind::Flex, "cpu", cfg.keep_prob)?;
+    let engine = Engine::new(cfg.model, backend, "cpu", cfg.keep_prob)?;
     let mut state = TrainState::new(&cfg);
     let mut batcher = Batcher::new(data, cfg.schedule(data.len()));
-    for _ in 0..WARMUP {
-        local_step(&cfg, &engine, &mut batcher, &mut state)?;
-    }
-    let t = Instant::now();
-    for _ in 0..steps {
-        local_step(&cfg, &engine, &mut batcher, &mut state)?;
-    }
-    Ok((steps as usize * BATCH) as f64 / t.elapsed().as_secs_f64())
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    common::engine::set_libtorch_threads(threads);
+    pool.install(|| {
+        for _ in 0..WARMUP {
+            local_step(&cfg, &engine, &mut batcher, &mut state)?;
+        }
+        let t = Instant::now();
+        for _ in 0..steps {
+            local_step(&cfg, &engine, &mut batcher, &mut state)?;
+        }
+        Ok((steps as usize * BATCH) as f64 / t.elapsed().as_secs_f64())
+    })
 }
 
 /// Images/s and bytes per step of a cluster with `workers` one-thread workers.
-async fn distributed(workers: usize, steps: u64, backend: &str) -> anyhow::Result<(f64, f64)> {
-    let dir = scratch(&format!("bench-{workers}-{backend}"));
+async fn distributed(
+    workers: usize,
+    threads: usize,
+    steps: u64,
+    backend: &str,
+) -> anyhow::Result<(f64, f64)> {
+    let dir = scratch(&format!("bench-{workers}x{threads}-{backend}"));
+    let t = threads.to_string();
     let total = (WARMUP + steps).to_string();
     let w = workers.to_string();
     let ck = dir.join("ck");
@@ -71,7 +90,14 @@ async fn distributed(workers: usize, steps: u64, backend: &str) -> anyhow::Resul
         ],
     )?;
     let _ws: Vec<Proc> = (0..workers)
-        .map(|i| start_worker(&dir, &format!("w{i}"), &url, &["--backend", backend]))
+        .map(|i| {
+            start_worker(
+                &dir,
+                &format!("w{i}"),
+                &url,
+                &["--backend", backend, "--threads", &t],
+            )
+        })
         .collect::<anyhow::Result<_>>()?;
     let mut client = StatusClient::connect(url).await?;
     let (mut t0, mut t1, mut bytes) = (None, None, 0.0);
@@ -104,37 +130,38 @@ fn main() -> anyhow::Result<()> {
         .split(',')
         .map(str::to_string)
         .collect();
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build_global()?;
     let data = common::mnist::load(&mnist_dir())?;
     let rt = tokio::runtime::Runtime::new()?;
     println!(
         "seed convnet, batch {BATCH} (4 micro-batches of 32), {steps} timed steps after {WARMUP} warm-up"
     );
-    for backend in &backends {
-        let local1 = if backend == "flex" {
-            local(&data.train, steps)?
-        } else {
-            f64::NAN
-        };
-        let (d1, bytes1) = rt.block_on(distributed(1, steps, backend))?;
-        let (d2, bytes2) = rt.block_on(distributed(2, steps, backend))?;
-        println!("[{backend}] local loop, 1 thread:        {local1:>8.1} images/s");
+    for name in &backends {
+        let backend: BackendKind = name.parse()?;
+        let local1 = local(&data.train, backend, 1, steps)?;
+        let local2 = local(&data.train, backend, 2, steps)?;
+        let (d1, bytes1) = rt.block_on(distributed(1, 1, steps, name))?;
+        let (d1t2, _) = rt.block_on(distributed(1, 2, steps, name))?;
+        let (d2, bytes2) = rt.block_on(distributed(2, 1, steps, name))?;
+        println!("[{name}] local loop, 1 thread:        {local1:>8.1} images/s");
+        println!("[{name}] local loop, 2 threads:       {local2:>8.1} images/s");
         println!(
-            "[{backend}] 1 worker x 1 thread:         {d1:>8.1} images/s  ({:.3}x local)",
+            "[{name}] 1 worker x 1 thread:         {d1:>8.1} images/s  ({:.3}x local, 1 thread)",
             d1 / local1
         );
         println!(
-            "[{backend}] 2 workers x 1 thread:        {d2:>8.1} images/s  ({:.3}x one worker)",
+            "[{name}] 1 worker x 2 threads:        {d1t2:>8.1} images/s  ({:.3}x local, 2 threads)",
+            d1t2 / local2
+        );
+        println!(
+            "[{name}] 2 workers x 1 thread:        {d2:>8.1} images/s  ({:.3}x one worker)",
             d2 / d1
         );
         println!(
-            "[{backend}] bytes per step, 1 worker:    {:>8.1} MB",
+            "[{name}] bytes per step, 1 worker:    {:>8.1} MB",
             bytes1 / 1e6
         );
         println!(
-            "[{backend}] bytes per step, 2 workers:   {:>8.1} MB",
+            "[{name}] bytes per step, 2 workers:   {:>8.1} MB",
             bytes2 / 1e6
         );
     }

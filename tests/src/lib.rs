@@ -28,7 +28,10 @@ pub fn bin_dir() -> PathBuf {
             .to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--workspace", "--bins"]);
+        // All targets, as `cargo test --workspace` builds them: the same feature unification
+        // (dev-dependencies included), so every dependency is already built. `--bins` alone
+        // would resolve features differently and compile half the tree a second time.
+        cmd.args(["build", "--workspace", "--all-targets"]);
         // Cargo gives test processes the package's own variables (CARGO_PKG_NAME, ...). Some
         // build scripts rerun when those change, which would rebuild half the tree: drop them.
         for (key, _) in std::env::vars() {
@@ -49,7 +52,7 @@ pub fn bin_dir() -> PathBuf {
             cmd.arg("--release");
         }
         if cfg!(feature = "tch") {
-            cmd.args(["--features", "coordinator/tch,worker/tch"]);
+            cmd.args(["--features", "cluster-tests/tch,coordinator/tch,worker/tch"]);
         }
         let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "building the binaries failed");
@@ -98,12 +101,12 @@ impl Proc {
         };
         let child = Command::new(program)
             .args(args)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(file.try_clone()?)
             .stderr(file)
             .stdin(Stdio::null())
@@ -257,14 +260,12 @@ pub fn start_coordinator(
     Ok((p, url))
 }
 
-/// Starts a worker against `url`.
+/// Starts a worker against `url`, on one thread unless `args` say `--threads`.
 pub fn start_worker(dir: &Path, name: &str, url: &str, args: &[&str]) -> Result<Proc> {
-    let mut all: Vec<String> = vec![
-        "--coordinator".into(),
-        url.into(),
-        "--threads".into(),
-        "1".into(),
-    ];
+    let mut all: Vec<String> = vec!["--coordinator".into(), url.into()];
+    if !args.contains(&"--threads") {
+        all.extend(["--threads".into(), "1".into()]);
+    }
     all.extend(args.iter().map(|s| s.to_string()));
     Proc::start("worker", name, dir, &all)
 }
@@ -386,4 +387,79 @@ pub fn torch_layout(
         out.insert(p.name.clone(), p.convert_layout(head, true));
     }
     out
+}
+
+/// One `GetStatus` call; `None` while the coordinator cannot be reached.
+pub async fn get_status(url: &str) -> Option<proto::StatusReply> {
+    let mut c = proto::status_client::StatusClient::connect(url.to_string())
+        .await
+        .ok()?;
+    let reply = c.get_status(proto::GetStatusRequest {}).await.ok()?;
+    Some(reply.into_inner())
+}
+
+/// Polls the status until `f` holds; panics with the last status after `within`.
+pub async fn wait_status(
+    url: &str,
+    what: &str,
+    within: Duration,
+    f: impl Fn(&proto::StatusReply) -> bool,
+) -> proto::StatusReply {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = get_status(url).await;
+        if let Some(s) = s.as_ref().filter(|s| f(s)) {
+            return s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last status {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `cmd` to its end, killing it after `within`; returns its status and output.
+pub fn run_with_deadline(cmd: &mut Command, within: Duration) -> Result<std::process::Output> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {cmd:?}"))?;
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().context("stdout")?));
+    let err = drain(Box::new(child.stderr.take().context("stderr")?));
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} still running after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }

@@ -11,14 +11,6 @@ fn common_args(ck: &std::path::Path) -> Vec<String> {
     short_job(30, 5, ck)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn step_of(url: &str) -> Option<u64> {
     let mut c = StatusClient::connect(url.to_string()).await.ok()?;
     Some(

@@ -3,36 +3,12 @@
 
 use cluster_tests::*;
 use proto::status_client::StatusClient;
-use proto::{GetStatusRequest, JobState, StatusReply, WatchStatusRequest};
+use proto::{JobState, StatusReply, WatchStatusRequest};
 use std::io::{Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 async fn status(url: &str) -> StatusReply {
-    let mut c = StatusClient::connect(url.to_string()).await.unwrap();
-    c.get_status(GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn wait_until(
-    url: &str,
-    what: &str,
-    within: Duration,
-    f: impl Fn(&StatusReply) -> bool,
-) -> StatusReply {
-    let deadline = Instant::now() + within;
-    loop {
-        let s = status(url).await;
-        if f(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; last status {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    get_status(url).await.expect("coordinator reachable")
 }
 
 fn http_get(addr: &str, path: &str) -> String {
@@ -161,10 +137,10 @@ async fn status_follows_a_job_from_waiting_to_finished() {
 
     let w1 = start_worker(&dir, "worker1", &url, &[]).unwrap();
     let _w2 = start_worker(&dir, "worker2", &url, &[]).unwrap();
-    let a = wait_until(&url, "step 5", Duration::from_secs(120), |s| s.step >= 5).await;
+    let a = wait_status(&url, "step 5", Duration::from_secs(120), |s| s.step >= 5).await;
     assert_eq!(a.state, JobState::Running as i32);
     assert_eq!(a.live_workers, 2);
-    let b = wait_until(&url, "progress", Duration::from_secs(120), |s| {
+    let b = wait_status(&url, "progress", Duration::from_secs(120), |s| {
         s.step > a.step + 2
     })
     .await;
@@ -220,7 +196,7 @@ async fn status_follows_a_job_from_waiting_to_finished() {
 
     // A killed worker shows as lost.
     w1.signal("KILL").unwrap();
-    let lost = wait_until(&url, "a lost worker", Duration::from_secs(30), |s| {
+    let lost = wait_status(&url, "a lost worker", Duration::from_secs(30), |s| {
         s.workers.iter().any(|w| w.state == "lost")
     })
     .await;

@@ -58,6 +58,14 @@ pub struct Args {
     /// Seconds to keep trying after losing a coordinator it was working for.
     #[arg(long, env = "WORKER_RECONNECT_TIMEOUT", default_value_t = 300.0)]
     pub reconnect_timeout: f64,
+    /// Instead of joining a coordinator: train this many steps of the default job in this
+    /// process on --backend/--device, print images/s and the loss, and exit (checks a GPU or
+    /// a backend without a cluster).
+    #[arg(long, value_name = "STEPS")]
+    pub local_steps: Option<u64>,
+    /// MNIST directory, for --local-steps.
+    #[arg(long, env = "WORKER_DATA_DIR", default_value = "./data/mnist")]
+    pub data_dir: std::path::PathBuf,
     /// Speaks this protocol version (for testing version checks).
     #[arg(long, hide = true, default_value_t = proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,
@@ -105,6 +113,42 @@ pub enum WorkerError {
     Compute(#[from] common::Error),
     #[error("bad task from the coordinator: {0}")]
     BadTask(String),
+}
+
+/// Trains `steps` steps of the default job in this process (`--local-steps`); returns images/s
+/// after 3 warm-up steps and the last step's loss.
+pub fn run_local(args: &Args, steps: u64) -> Result<(f64, f64), WorkerError> {
+    use common::train::{Batcher, TrainConfig, TrainState, local_step};
+    const WARMUP: u64 = 3;
+    let backend: BackendKind = args.backend.parse()?;
+    let data = common::mnist::load(&args.data_dir)?;
+    let cfg = TrainConfig {
+        model: common::model::ModelSpec::SEED,
+        batch_size: 128,
+        micro_batch: 32,
+        lr: 0.05,
+        momentum: 0.9,
+        keep_prob: 0.75,
+        seed: 1,
+        epochs: 3,
+        max_steps: None,
+    };
+    let engine = Engine::new(cfg.model, backend, &args.device, cfg.keep_prob)?;
+    let mut state = TrainState::new(&cfg);
+    let mut batcher = Batcher::new(&data.train, cfg.schedule(data.train.len()));
+    let mut loss = f64::NAN;
+    let mut started = std::time::Instant::now();
+    for step in 0..WARMUP + steps {
+        if step == WARMUP {
+            started = std::time::Instant::now();
+        }
+        loss = local_step(&cfg, &engine, &mut batcher, &mut state)?;
+        if (step + 1) % 50 == 0 {
+            info!(step = step + 1, loss, "local step");
+        }
+    }
+    let rate = (steps as usize * cfg.batch_size) as f64 / started.elapsed().as_secs_f64();
+    Ok((rate, loss))
 }
 
 /// The per-call deadline; `GetWork` long-polls for at most 2 s of it.

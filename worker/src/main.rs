@@ -18,13 +18,26 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
-    // The tensor kernels run on rayon's global pool: this is what --threads bounds.
-    if let Err(e) = rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads())
-        .build_global()
-    {
-        eprintln!("error: cannot size the compute pool: {e}");
+    // The tensor kernels run on rayon's global pool (flex) or libtorch's (tch): --threads
+    // bounds both.
+    if let Err(e) = common::engine::set_compute_threads(args.threads()) {
+        eprintln!("error: {e}");
         return ExitCode::FAILURE;
+    }
+    if let Some(steps) = args.local_steps {
+        return match worker::run_local(&args, steps) {
+            Ok((rate, loss)) => {
+                println!(
+                    "local loop, {} on {}, {steps} steps: {rate:.1} images/s, final loss {loss:.4}",
+                    args.backend, args.device
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite (the README's test command):
+#   1. every crate on the default build (pure-Rust backend): unit tests, the real-binary cluster
+#      tests, S3 checkpoints (needs `weed`), `docker compose up` (needs Docker);
+#   2. the libtorch backend: `--features tch` tests, with libtorch 2.9.0 from PyPI
+#      (scripts/setup-libtorch.sh, into $LIBTORCH_DIR, default .libtorch).
+# One test at a time: the cluster tests each use every core of a 2-core machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo test --workspace -- --test-threads=1
+
+libtorch="${LIBTORCH_DIR:-.libtorch}"
+scripts/setup-libtorch.sh "$libtorch"
+# shellcheck source=/dev/null
+source "$libtorch/env.sh"
+# The features and targets the test harness builds the binaries with, so nothing builds twice.
+cargo test --workspace --features cluster-tests/tch,coordinator/tch,worker/tch --test tch \
+    -- --test-threads=1

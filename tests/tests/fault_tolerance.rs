@@ -1,0 +1,459 @@
+//! Training goes on through failures and loses nothing: workers killed at random and restarted,
+//! a worker frozen with SIGSTOP, and a hostile client sending every kind of bad input. The
+//! coordinator-restart case is in `resume.rs`; the state machine's own cases are unit tests in
+//! `coordinator/src/core.rs`.
+
+use cluster_tests::*;
+use common::engine::{BackendKind, Engine};
+use common::train::train_local;
+use proto::trainer_client::TrainerClient;
+use proto::{
+    GetWorkRequest, HeartbeatRequest, NodeGradient, NodeRange, RegisterRequest, SubmitRequest,
+    get_work_response::Reply,
+};
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+const STEPS: u64 = 50;
+
+/// The parameters of the single-process loop after `STEPS` steps, computed once per binary.
+fn reference() -> &'static BTreeMap<String, Vec<f32>> {
+    static REF: OnceLock<BTreeMap<String, Vec<f32>>> = OnceLock::new();
+    REF.get_or_init(|| {
+        let cfg = default_config(STEPS);
+        let data = common::mnist::load(Path::new(&mnist_dir())).unwrap();
+        let engine = Engine::new(cfg.model, BackendKind::Flex, "cpu", cfg.keep_prob).unwrap();
+        let local = train_local(&cfg, &engine, &data.train, STEPS).unwrap();
+        torch_layout(&cfg, &local.params)
+    })
+}
+
+fn assert_equals_reference(ck: &Path) {
+    let params = latest_params(ck).unwrap();
+    assert_eq!(params.len(), reference().len());
+    for (name, _, values) in &params {
+        assert!(
+            values == &reference()[name],
+            "{name} differs from the fault-free run"
+        );
+    }
+}
+
+/// The steps the coordinator logged as done, in order (needs `coordinator=debug`).
+fn steps_done(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("step done"))
+        .filter_map(|l| {
+            l.split("step=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn debug_log() -> Vec<(String, String)> {
+    vec![("RUST_LOG".into(), "info,coordinator=debug".into())]
+}
+
+fn coordinator(dir: &Path, workers: usize, extra: &[&str]) -> (Proc, String) {
+    let mut args = short_job(STEPS, 0, &dir.join("ck"));
+    args.extend(["--workers".into(), workers.to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut c = Proc::start_with_env(
+        "coordinator",
+        "coordinator",
+        dir,
+        &coordinator_args(&args),
+        &debug_log(),
+    )
+    .unwrap();
+    let url = c.grpc_url().unwrap();
+    (c, url)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_random_kill_9s_lose_no_step_and_change_no_parameter() {
+    let dir = scratch("chaos");
+    let (mut c, url) = coordinator(&dir, 3, &["--heartbeat-timeout", "1"]);
+    let mut workers: Vec<Proc> = (0..3)
+        .map(|i| start_worker(&dir, &format!("worker{i}"), &url, &[]).unwrap())
+        .collect();
+    wait_status(&url, "step 2", Duration::from_secs(120), |s| s.step >= 2).await;
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    for kill in 0..10 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..1200))).await;
+        let step = get_status(&url).await.map(|s| s.step).unwrap_or(0);
+        assert!(
+            c.child.try_wait().unwrap().is_none() && step < STEPS - 5,
+            "the job got to step {step} after only {kill} kills: raise STEPS\n{}",
+            c.tail()
+        );
+        let i = rng.random_range(0..workers.len());
+        workers[i].signal("KILL").unwrap();
+        workers[i].wait_exit(Duration::from_secs(10)).unwrap();
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..800))).await;
+        workers[i] = start_worker(&dir, &format!("worker{i}-{kill}"), &url, &[]).unwrap();
+    }
+
+    let status = c.wait_exit(Duration::from_secs(600)).unwrap();
+    assert!(status.success(), "{}", c.tail());
+    let log = c.log_text();
+    assert_eq!(
+        steps_done(&log),
+        (1..=STEPS).collect::<Vec<_>>(),
+        "a step was lost or applied twice"
+    );
+    let lost = log.matches("worker lost").count();
+    assert!(lost >= 5, "only {lost} losses noticed for 10 kills");
+    assert_equals_reference(&dir.join("ck"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_worker_is_lost_within_the_deadline_and_rejoins_when_thawed() {
+    let dir = scratch("sigstop");
+    let timeout = 1.5;
+    // A high straggler factor: the frozen worker's shard must come back through its
+    // missed heartbeats, not through a backup copy.
+    let (mut c, url) = coordinator(
+        &dir,
+        2,
+        &[
+            "--heartbeat-timeout",
+            &timeout.to_string(),
+            "--straggler-factor",
+            "1000",
+        ],
+    );
+    let w0 = start_worker(&dir, "worker0", &url, &["--name", "steady"]).unwrap();
+    let w1 = start_worker(&dir, "worker1", &url, &["--name", "frozen"]).unwrap();
+    wait_status(&url, "step 3", Duration::from_secs(120), |s| s.step >= 3).await;
+
+    w1.signal("STOP").unwrap();
+    let frozen_at = Instant::now();
+    let lost = wait_status(
+        &url,
+        "the frozen worker lost",
+        Duration::from_secs(30),
+        |s| {
+            s.workers
+                .iter()
+                .any(|w| w.name == "frozen" && w.state == "lost")
+        },
+    )
+    .await;
+    let noticed = frozen_at.elapsed().as_secs_f64();
+    // The deadline plus the driver's tick and this poll's interval.
+    assert!(
+        noticed <= timeout + 1.0,
+        "lost after {noticed:.2}s, deadline {timeout}s"
+    );
+    // Its shard is redone: training moves on while it is frozen.
+    wait_status(&url, "steps while frozen", Duration::from_secs(120), |s| {
+        s.step >= lost.step + 3
+    })
+    .await;
+
+    w1.signal("CONT").unwrap();
+    let back = wait_status(
+        &url,
+        "the thawed worker live",
+        Duration::from_secs(30),
+        |s| {
+            s.workers
+                .iter()
+                .any(|w| w.name == "frozen" && w.state == "live")
+        },
+    )
+    .await;
+    let done_before = back
+        .workers
+        .iter()
+        .find(|w| w.name == "frozen")
+        .unwrap()
+        .steps_done;
+    wait_status(
+        &url,
+        "the thawed worker working",
+        Duration::from_secs(120),
+        |s| {
+            s.workers
+                .iter()
+                .any(|w| w.name == "frozen" && w.steps_done > done_before)
+        },
+    )
+    .await;
+
+    let status = c.wait_exit(Duration::from_secs(600)).unwrap();
+    assert!(
+        status.success(),
+        "{}\n{}\n{}",
+        c.tail(),
+        w0.tail(),
+        w1.tail()
+    );
+    assert_eq!(steps_done(&c.log_text()), (1..=STEPS).collect::<Vec<_>>());
+    assert_equals_reference(&dir.join("ck"));
+}
+
+/// Checks that `got` was refused with `code`, and records `what`.
+fn expect<T>(
+    refused: &mut Vec<&'static str>,
+    what: &'static str,
+    got: Result<T, tonic::Status>,
+    code: Code,
+) {
+    let Err(e) = got else {
+        panic!("{what}: accepted")
+    };
+    assert_eq!(e.code(), code, "{what}: {e:?}");
+    refused.push(what);
+}
+
+fn register(model: &str, protocol_version: u32) -> RegisterRequest {
+    RegisterRequest {
+        protocol_version,
+        model: model.into(),
+        backend: "test".into(),
+        device: "none".into(),
+        threads: 1,
+        name: "hostile".into(),
+    }
+}
+
+fn answer(worker: u64, task: &proto::Task, gradient: &[f32]) -> SubmitRequest {
+    let bytes = proto::encode_f32(gradient);
+    SubmitRequest {
+        worker_id: worker,
+        task_id: task.task_id,
+        step: task.step,
+        nodes: task
+            .nodes
+            .iter()
+            .map(|n| NodeGradient {
+                node: Some(*n),
+                gradient: bytes.clone().into(),
+                loss_sum: 1.0,
+                examples: 1,
+            })
+            .collect(),
+        compute_ms: 1,
+    }
+}
+
+/// Sends `bytes` on a fresh connection to `addr`; returns once the server has closed it.
+fn garbage(addr: &str, bytes: &[u8]) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut sink = Vec::new();
+    // Ok(_) is end of stream, Err a reset; a timeout would mean the server kept it open.
+    match s.read_to_end(&mut sink) {
+        Ok(_) => {}
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the server kept a garbage connection open"
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
+    // The first step waits for two workers: the hostile client and a silent accomplice whose
+    // shard stays open, so the round is still running when the duplicate arrives. An honest
+    // worker joins afterwards and does the training.
+    let dir = scratch("hostile");
+    let (mut c, url) = coordinator(
+        &dir,
+        2,
+        &["--heartbeat-timeout", "3", "--max-bad-inputs", "6"],
+    );
+
+    let mut client = TrainerClient::connect(url.clone())
+        .await
+        .unwrap()
+        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES);
+    let mut refused: Vec<&str> = Vec::new();
+
+    // Registration of a worker speaking another protocol, or built for another model.
+    expect(
+        &mut refused,
+        "other protocol version",
+        client.register(register("seed", 999)).await,
+        Code::FailedPrecondition,
+    );
+    expect(
+        &mut refused,
+        "other model",
+        client
+            .register(register("inception", proto::PROTOCOL_VERSION))
+            .await,
+        Code::FailedPrecondition,
+    );
+    let reg = client
+        .register(register("seed", proto::PROTOCOL_VERSION))
+        .await
+        .unwrap()
+        .into_inner();
+    let me = reg.worker_id;
+    let n = reg.parameter_count as usize;
+    client
+        .register(register("seed", proto::PROTOCOL_VERSION))
+        .await
+        .unwrap();
+
+    expect(
+        &mut refused,
+        "unknown worker id",
+        client
+            .heartbeat(HeartbeatRequest { worker_id: 424_242 })
+            .await,
+        Code::NotFound,
+    );
+
+    // Take a shard as a worker would.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let task = loop {
+        let r = client
+            .get_work(GetWorkRequest { worker_id: me })
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(Reply::Task(t)) = r.reply {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "no shard for the test client");
+    };
+    let zeros = vec![0.0f32; n];
+
+    expect(
+        &mut refused,
+        "gradient of the wrong length",
+        client
+            .submit_gradients(answer(me, &task, &zeros[1..]))
+            .await,
+        Code::InvalidArgument,
+    );
+    let mut nan = zeros.clone();
+    nan[n / 2] = f32::NAN;
+    expect(
+        &mut refused,
+        "NaN in the gradient",
+        client.submit_gradients(answer(me, &task, &nan)).await,
+        Code::InvalidArgument,
+    );
+    let mut inf = zeros.clone();
+    inf[0] = f32::INFINITY;
+    expect(
+        &mut refused,
+        "Inf in the gradient",
+        client.submit_gradients(answer(me, &task, &inf)).await,
+        Code::InvalidArgument,
+    );
+    let mut stale = answer(me, &task, &zeros);
+    stale.step += 1000;
+    expect(
+        &mut refused,
+        "stale or unknown step",
+        client.submit_gradients(stale).await,
+        Code::FailedPrecondition,
+    );
+    let mut unknown_task = answer(me, &task, &zeros);
+    unknown_task.task_id += 1_000_000;
+    expect(
+        &mut refused,
+        "unknown task",
+        client.submit_gradients(unknown_task).await,
+        Code::InvalidArgument,
+    );
+    let mut wrong_nodes = answer(me, &task, &zeros);
+    wrong_nodes.nodes[0].node = Some(NodeRange { lo: 0, hi: 10_000 });
+    expect(
+        &mut refused,
+        "gradient for other tree nodes",
+        client.submit_gradients(wrong_nodes).await,
+        Code::InvalidArgument,
+    );
+    let mut impostor = answer(me, &task, &zeros);
+    impostor.worker_id = 424_242;
+    expect(
+        &mut refused,
+        "answer from an unknown worker id",
+        client.submit_gradients(impostor).await,
+        Code::NotFound,
+    );
+    // A well-formed answer is taken...
+    let taken = client
+        .submit_gradients(answer(me, &task, &zeros))
+        .await
+        .unwrap();
+    assert!(taken.into_inner().accepted);
+    // ...once: the sixth bad submission quarantines the sender.
+    expect(
+        &mut refused,
+        "duplicate answer",
+        client.submit_gradients(answer(me, &task, &zeros)).await,
+        Code::AlreadyExists,
+    );
+    expect(
+        &mut refused,
+        "calls from a quarantined worker",
+        client.get_work(GetWorkRequest { worker_id: me }).await,
+        Code::PermissionDenied,
+    );
+
+    let mut huge = answer(me, &task, &zeros);
+    huge.nodes[0].gradient = vec![0u8; proto::MAX_MESSAGE_BYTES + 1024].into();
+    expect(
+        &mut refused,
+        "oversized message",
+        client.submit_gradients(huge).await,
+        Code::OutOfRange,
+    );
+
+    let addr = url.trim_start_matches("http://");
+    garbage(addr, &[0xde; 100_000]);
+    garbage(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut bad_frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bad_frames.extend_from_slice(&[0xff; 4096]);
+    garbage(addr, &bad_frames);
+    refused.push("garbage bytes on the port");
+
+    // The sender is named in status and in the log; training goes on.
+    let w0 = start_worker(&dir, "worker0", &url, &[]).unwrap();
+    let s = get_status(&url).await.unwrap();
+    let hostile = s.workers.iter().find(|w| w.id == me).unwrap();
+    assert_eq!(hostile.state, "quarantined", "{hostile:?}");
+    assert_eq!(hostile.bad_inputs, 6, "{hostile:?}");
+    assert!(
+        hostile.last_bad_input.contains("already answered"),
+        "{hostile:?}"
+    );
+    assert!(s.bad_inputs >= 6, "{s:?}");
+    let log = c.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("refused bad input") && l.contains(&format!("worker={me}"))),
+        "{}",
+        c.tail()
+    );
+    assert!(log.contains("quarantined"), "{}", c.tail());
+
+    let status = c.wait_exit(Duration::from_secs(600)).unwrap();
+    assert!(status.success(), "{}\n{}", c.tail(), w0.tail());
+    assert_eq!(steps_done(&c.log_text()), (1..=STEPS).collect::<Vec<_>>());
+    assert_eq!(refused.len(), 14, "{refused:?}");
+    println!("refused {} kinds of bad input: {refused:#?}", refused.len());
+}
