@@ -14,6 +14,7 @@ libtorch="${LIBTORCH_DIR:-.libtorch}"
 scripts/setup-libtorch.sh "$libtorch"
 # shellcheck source=/dev/null
 source "$libtorch/env.sh"
-# The features and targets the test harness builds the binaries with, so nothing builds twice.
-cargo test --workspace --features cluster-tests/tch,coordinator/tch,worker/tch --test tch \
-    -- --test-threads=1
+# Built exactly as the test harness builds the binaries (all targets, these features), so
+# nothing compiles twice; the filter runs the libtorch tests (tests/tests/tch.rs) only.
+cargo test --workspace --all-targets --features cluster-tests/tch,coordinator/tch,worker/tch \
+    -- --test-threads=1 libtorch_
