@@ -5,7 +5,7 @@
 #
 # CPU (default): only the torch wheel and the two small CUDA runtime wheels its CPU library
 # links against; the CUDA libraries of the wheel are moved aside, so nothing needs a GPU.
-# About 900 MB to download, 660 MB on disk.
+# About 900 MB to download, 650 MB on disk (most of it torch/lib).
 # --cuda: the full `pip install torch==2.9.0` with its CUDA 12.8 dependencies (several GB),
 # for GPU workers (`worker --backend tch --device cuda:0`); needs an NVIDIA driver >= 570.
 #
@@ -30,20 +30,15 @@ if [[ -f "$dir/torch/lib/libtorch_cpu.so" ]] &&
     grep -qx "$TORCH_VERSION.*" "$dir/torch/version.txt" 2>/dev/null; then
     echo "libtorch $TORCH_VERSION already in $dir/torch"
 else
-    rm -rf "$dir/torch" "$dir/removed-cuda-libs"
+    rm -rf "$dir/torch"
     if [[ $cuda == 1 ]]; then
-        "$python" -m pip install --quiet --target "$dir" "torch==$TORCH_VERSION"
+        "$python" -m pip install --quiet --upgrade --target "$dir" "torch==$TORCH_VERSION"
     else
-        "$python" -m pip install --quiet --no-deps --target "$dir" "torch==$TORCH_VERSION" \
+        "$python" -m pip install --quiet --upgrade --no-deps --target "$dir" "torch==$TORCH_VERSION" \
             nvidia-cuda-runtime-cu12==12.8.90 nvidia-cuda-cupti-cu12==12.8.90
-        # Without its CUDA libraries the wheel's libtorch is a CPU libtorch.
-        mkdir -p "$dir/removed-cuda-libs"
-        for lib in libtorch_cuda.so libtorch_cuda_linalg.so libc10_cuda.so \
-            libtorch_nvshmem.so libcaffe2_nvrtc.so; do
-            if [[ -e "$dir/torch/lib/$lib" ]]; then
-                mv "$dir/torch/lib/$lib" "$dir/removed-cuda-libs/"
-            fi
-        done
+        # Without its CUDA libraries (1.1 GB) the wheel's libtorch is a CPU libtorch.
+        (cd "$dir/torch/lib" && rm -f libtorch_cuda.so libtorch_cuda_linalg.so libc10_cuda.so \
+            libtorch_nvshmem.so libcaffe2_nvrtc.so)
     fi
     # torch-sys checks this file against the version it was written for.
     echo "$TORCH_VERSION" > "$dir/torch/build-version"
