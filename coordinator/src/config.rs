@@ -238,15 +238,18 @@ impl TrainArgs {
     /// Applies the preset under the explicit flags.
     pub fn job(&self) -> JobConfig {
         let lecture = self.preset == Preset::Seed;
+        let d = TrainConfig::DEFAULT;
         let train = TrainConfig {
             model: self.model.spec(self.pool),
-            batch_size: self.batch_size.unwrap_or(128),
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
             micro_batch: self.micro_batch,
-            lr: self.lr.unwrap_or(if lecture { 0.00001 } else { 0.05 }),
-            momentum: self.momentum.unwrap_or(if lecture { 0.0 } else { 0.9 }),
+            lr: self.lr.unwrap_or(if lecture { 0.00001 } else { d.lr }),
+            momentum: self
+                .momentum
+                .unwrap_or(if lecture { 0.0 } else { d.momentum }),
             keep_prob: self.keep_prob,
             seed: self.seed,
-            epochs: self.epochs.unwrap_or(if lecture { 10 } else { 3 }),
+            epochs: self.epochs.unwrap_or(if lecture { 10 } else { d.epochs }),
             max_steps: self.max_steps,
         };
         JobConfig {

@@ -7,7 +7,6 @@
 
 use cluster_tests::*;
 use common::engine::{BackendKind, Engine};
-use common::model::ModelSpec;
 use common::train::{Batcher, TrainConfig, TrainState, local_step};
 use proto::GetStatusRequest;
 use proto::status_client::StatusClient;
@@ -18,15 +17,8 @@ const BATCH: usize = 128;
 
 fn cfg() -> TrainConfig {
     TrainConfig {
-        model: ModelSpec::SEED,
-        batch_size: BATCH,
-        micro_batch: 32,
-        lr: 0.05,
-        momentum: 0.9,
-        keep_prob: 0.75,
-        seed: 1,
         epochs: 1,
-        max_steps: None,
+        ..TrainConfig::DEFAULT
     }
 }
 

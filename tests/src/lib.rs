@@ -362,15 +362,8 @@ pub fn run_job(
 /// The coordinator's default training config, stopping after `steps`.
 pub fn default_config(steps: u64) -> common::train::TrainConfig {
     common::train::TrainConfig {
-        model: common::model::ModelSpec::SEED,
-        batch_size: 128,
-        micro_batch: 32,
-        lr: 0.05,
-        momentum: 0.9,
-        keep_prob: 0.75,
-        seed: 1,
-        epochs: 3,
         max_steps: Some(steps),
+        ..common::train::TrainConfig::DEFAULT
     }
 }
 

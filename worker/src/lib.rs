@@ -122,17 +122,7 @@ pub fn run_local(args: &Args, steps: u64) -> Result<(f64, f64), WorkerError> {
     const WARMUP: u64 = 3;
     let backend: BackendKind = args.backend.parse()?;
     let data = common::mnist::load(&args.data_dir)?;
-    let cfg = TrainConfig {
-        model: common::model::ModelSpec::SEED,
-        batch_size: 128,
-        micro_batch: 32,
-        lr: 0.05,
-        momentum: 0.9,
-        keep_prob: 0.75,
-        seed: 1,
-        epochs: 3,
-        max_steps: None,
-    };
+    let cfg = TrainConfig::DEFAULT;
     let engine = Engine::new(cfg.model, backend, &args.device, cfg.keep_prob)?;
     let mut state = TrainState::new(&cfg);
     let mut batcher = Batcher::new(&data.train, cfg.schedule(data.train.len()));
