@@ -15,6 +15,6 @@ scripts/setup-libtorch.sh "$libtorch"
 # shellcheck source=/dev/null
 source "$libtorch/env.sh"
 # Built exactly as the test harness builds the binaries (all targets, these features), so
-# nothing compiles twice; the filter runs the libtorch tests (tests/tests/tch.rs) only.
+# nothing compiles twice; the filter runs the libtorch tests only (tests/tests/tch.rs, common/src/torch.rs).
 cargo test --workspace --all-targets --features cluster-tests/tch,coordinator/tch,worker/tch \
     -- --test-threads=1 libtorch_

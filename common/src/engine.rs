@@ -61,7 +61,10 @@ pub fn device(backend: BackendKind, name: &str) -> Result<Device, Error> {
         ))),
         #[cfg(feature = "tch")]
         #[allow(deprecated)]
-        (BackendKind::Tch, "cpu", _) => Ok(Device::libtorch()),
+        (BackendKind::Tch, "cpu", _) => {
+            crate::torch::set_deterministic(true);
+            Ok(Device::libtorch())
+        }
         #[cfg(feature = "tch")]
         #[allow(deprecated)]
         (BackendKind::Tch, _, Some(Ok(i))) => {
@@ -71,9 +74,9 @@ pub fn device(backend: BackendKind, name: &str) -> Result<Device, Error> {
                     "{name} (libtorch sees {found} CUDA devices)"
                 )));
             }
-            // Reproducible runs: cuDNN picks its algorithms by fixed heuristics instead of
-            // timing candidates (the timing winner varies from run to run).
-            tch::Cuda::cudnn_set_benchmark(false);
+            // Reproducible runs: deterministic algorithms, and cuDNN picks its algorithms by
+            // fixed heuristics instead of timing candidates (the winner varies run to run).
+            crate::torch::set_deterministic(true);
             Ok(Device::libtorch_cuda(i))
         }
         #[cfg(not(feature = "tch"))]

@@ -12,6 +12,8 @@ pub mod model;
 pub mod schedule;
 pub mod sgd;
 pub mod shapes;
+#[cfg(feature = "tch")]
+pub mod torch;
 pub mod train;
 pub mod tree;
 

@@ -146,17 +146,29 @@ pub fn status_json(r: &StatusReply) -> serde_json::Value {
 }
 
 fn status_text(r: &StatusReply) -> String {
+    // NaN on the wire means "not measured yet".
+    let shown = |v: f64| {
+        if v.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{v:.4}")
+        }
+    };
     let mut out = format!(
-        "{} ({}) model {} | epoch {} step {}/{} ({:.1}%) | loss {:.4} | validation {:.4} | {:.0} images/s | ETA {:.0}s | {} live workers\n",
+        "{}{} model {} | epoch {} step {}/{} ({:.1}%) | loss {} | validation {} | {:.0} images/s | ETA {:.0}s | {} live workers\n",
         state_name(r.state),
-        r.reason,
+        if r.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", r.reason)
+        },
         r.model,
         r.epoch,
         r.step,
         r.total_steps,
         r.progress * 100.0,
-        r.last_loss,
-        r.last_validation_accuracy,
+        shown(r.last_loss),
+        shown(r.last_validation_accuracy),
         r.images_per_sec,
         r.eta_secs,
         r.live_workers

@@ -1,0 +1,31 @@
+//! libtorch settings that tch 0.22 does not expose, through the C++ shim built by `build.rs`.
+#![allow(unsafe_code)]
+
+unsafe extern "C" {
+    fn dtrain_torch_set_deterministic(on: i32);
+    fn dtrain_torch_deterministic() -> i32;
+}
+
+/// Turns libtorch's deterministic algorithms on or off (cuDNN's too; cuDNN autotuning off).
+/// An op that has no deterministic implementation warns instead of failing.
+pub fn set_deterministic(on: bool) {
+    // SAFETY: sets three flags of libtorch's process-wide context; takes and keeps no pointers.
+    unsafe { dtrain_torch_set_deterministic(i32::from(on)) }
+}
+
+/// Whether libtorch's deterministic algorithms are on.
+pub fn deterministic() -> bool {
+    // SAFETY: reads one flag of libtorch's process-wide context.
+    unsafe { dtrain_torch_deterministic() != 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn libtorch_deterministic_algorithms_switch_on_and_off() {
+        super::set_deterministic(true);
+        assert!(super::deterministic());
+        super::set_deterministic(false);
+        assert!(!super::deterministic());
+    }
+}

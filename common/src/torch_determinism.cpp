@@ -1,0 +1,19 @@
+// libtorch's global switches for reproducible results (torch.use_deterministic_algorithms,
+// torch.backends.cudnn.deterministic / benchmark), which tch 0.22's C API does not expose.
+#include <ATen/Context.h>
+
+extern "C" {
+
+// warn_only: an op without a deterministic implementation (on CUDA: max-pool backward, which
+// uses atomics) warns once instead of failing the step.
+void dtrain_torch_set_deterministic(int on) {
+    at::globalContext().setDeterministicAlgorithms(on != 0, /*warn_only=*/true);
+    at::globalContext().setDeterministicCuDNN(on != 0);
+    at::globalContext().setBenchmarkCuDNN(false);
+}
+
+int dtrain_torch_deterministic(void) {
+    return at::globalContext().deterministicAlgorithms() ? 1 : 0;
+}
+
+}
