@@ -13,6 +13,7 @@ bin_dir="$1"
 weed="$2"
 deploy="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${DTRAIN_TOOLS:-/var/tmp/dtrain-tools}"
+mkdir -p "$cache"
 
 if ! docker image inspect debian:bookworm-slim > /dev/null 2>&1; then
     rootfs="$cache/bookworm"
