@@ -61,10 +61,7 @@ pub fn device(backend: BackendKind, name: &str) -> Result<Device, Error> {
         ))),
         #[cfg(feature = "tch")]
         #[allow(deprecated)]
-        (BackendKind::Tch, "cpu", _) => {
-            crate::torch::set_deterministic(true);
-            Ok(Device::libtorch())
-        }
+        (BackendKind::Tch, "cpu", _) => Ok(Device::libtorch()),
         #[cfg(feature = "tch")]
         #[allow(deprecated)]
         (BackendKind::Tch, _, Some(Ok(i))) => {
@@ -74,9 +71,6 @@ pub fn device(backend: BackendKind, name: &str) -> Result<Device, Error> {
                     "{name} (libtorch sees {found} CUDA devices)"
                 )));
             }
-            // Reproducible runs: deterministic algorithms, and cuDNN picks its algorithms by
-            // fixed heuristics instead of timing candidates (the winner varies run to run).
-            crate::torch::set_deterministic(true);
             Ok(Device::libtorch_cuda(i))
         }
         #[cfg(not(feature = "tch"))]
@@ -143,6 +137,12 @@ impl Engine {
         keep_prob: f32,
     ) -> Result<Self, Error> {
         let device = device(backend, device_name)?;
+        // Reproducible runs: deterministic algorithms, and cuDNN picks its algorithms by
+        // fixed heuristics instead of timing candidates (the winner varies run to run).
+        #[cfg(feature = "tch")]
+        if backend == BackendKind::Tch {
+            crate::torch::set_deterministic(true);
+        }
         let params = spec.params();
         Ok(Engine {
             spec,

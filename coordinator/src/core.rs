@@ -93,7 +93,6 @@ pub struct Submission {
     pub step: u64,
     pub nodes: Vec<(Node, Vec<f32>)>,
     pub loss_sum: f64,
-    pub examples: u32,
 }
 
 /// What became of a submission.
@@ -166,7 +165,6 @@ struct Round {
     issued: BTreeMap<TaskId, Issued>,
     results: BTreeMap<Node, Vec<f32>>,
     loss_sum: f64,
-    examples: u32,
     shard_times: Vec<Duration>,
 }
 
@@ -177,7 +175,6 @@ pub struct RoundResult {
     /// Sum over the batch of per-example gradients.
     pub sum: Vec<f32>,
     pub loss_sum: f64,
-    pub examples: u32,
 }
 
 /// The state machine.
@@ -309,7 +306,6 @@ impl Core {
             issued: BTreeMap::new(),
             results: BTreeMap::new(),
             loss_sum: 0.0,
-            examples: 0,
             shard_times: Vec::new(),
         });
     }
@@ -437,7 +433,6 @@ impl Core {
         round.shard_times.push(elapsed);
         round.results.extend(sub.nodes);
         round.loss_sum += sub.loss_sum;
-        round.examples += sub.examples;
         if let Some(w) = self.workers.get_mut(&sub.worker) {
             w.shards_done += 1;
             w.busy += elapsed;
@@ -472,7 +467,6 @@ impl Core {
             step: round.step,
             sum,
             loss_sum: round.loss_sum,
-            examples: round.examples,
         })
     }
 
@@ -520,7 +514,6 @@ mod tests {
                 .map(|&n| (n, vec![(n.hi - n.lo) as f32]))
                 .collect(),
             loss_sum: 1.0,
-            examples: (a.leaves.end - a.leaves.start) * 32,
         }
     }
 
@@ -544,7 +537,7 @@ mod tests {
         assert!(!c.round_complete());
         assert_eq!(c.submit(answer(&b, ids[1]), t0), Ok(Accepted::Used));
         let r = c.take_result().unwrap();
-        assert_eq!((r.sum, r.examples), (vec![4.0], 128));
+        assert_eq!(r.sum, vec![4.0]);
     }
 
     #[test]

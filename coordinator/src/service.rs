@@ -197,7 +197,7 @@ impl Trainer for TrainerService {
         let worker = r.worker_id;
         let n = self.shared.param_count;
         let mut nodes = Vec::with_capacity(r.nodes.len());
-        let (mut loss_sum, mut examples, mut bytes) = (0.0, 0u32, 0u64);
+        let (mut loss_sum, mut bytes) = (0.0, 0u64);
         for g in r.nodes {
             let Some(range) = g.node else {
                 return Err(self.bad_input(worker, &address, "gradient without its tree node"));
@@ -214,7 +214,6 @@ impl Trainer for TrainerService {
             }
             bytes += g.gradient.len() as u64;
             loss_sum += g.loss_sum;
-            examples += g.examples;
             nodes.push((Node::new(range.lo, range.hi), values));
         }
         let sub = Submission {
@@ -223,7 +222,6 @@ impl Trainer for TrainerService {
             step: r.step,
             nodes,
             loss_sum,
-            examples,
         };
         let outcome = self.shared.core().submit(sub, Instant::now());
         match outcome {
