@@ -139,7 +139,8 @@ pub struct TrainArgs {
     /// Serve no metrics endpoint.
     #[arg(long, env = "COORDINATOR_NO_METRICS")]
     pub no_metrics: bool,
-    /// Workers to wait for before the first step.
+    /// Workers to wait for before the first step of a fresh job (a resumed job waits for
+    /// --min-workers).
     #[arg(long, env = "COORDINATOR_WORKERS", default_value_t = 2)]
     pub workers: usize,
     /// Training pauses (and says why) while fewer workers than this are live.

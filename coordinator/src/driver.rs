@@ -68,10 +68,15 @@ impl Driver {
             s.step = state.step;
         }
 
-        if !self
-            .wait_for_workers(self.initial_workers, &shutdown)
-            .await?
-        {
+        // A fresh job waits for --workers; a resumed one is a running job that lost its
+        // coordinator for a moment and goes on with whoever is back (--min-workers), as it
+        // would after losing workers: results do not depend on how many there are.
+        let first_wait = if state.step == 0 {
+            self.initial_workers
+        } else {
+            self.min_workers
+        };
+        if !self.wait_for_workers(first_wait, &shutdown).await? {
             return self.interrupt(state, pending_save).await;
         }
         self.set_state(JobState::Running);

@@ -38,6 +38,17 @@ impl TrainerService {
         }
         Status::invalid_argument(reason.to_string())
     }
+
+    /// Refuses a call from a worker registered with an earlier coordinator process: its id may
+    /// belong to another worker now.
+    fn check_incarnation(&self, worker: u64, incarnation: u64) -> Result<(), Status> {
+        if incarnation == self.shared.incarnation {
+            return Ok(());
+        }
+        Err(Status::not_found(format!(
+            "worker {worker} registered with an earlier coordinator process; register again"
+        )))
+    }
 }
 
 fn core_status(e: CoreError) -> Status {
@@ -105,6 +116,7 @@ impl Trainer for TrainerService {
             pool: model.pool.to_string(),
             keep_prob: self.shared.keep_prob,
             parameter_count: self.shared.param_count as u64,
+            incarnation: self.shared.incarnation,
         }))
     }
 
@@ -112,7 +124,9 @@ impl Trainer for TrainerService {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        let id = req.into_inner().worker_id;
+        let r = req.into_inner();
+        let id = r.worker_id;
+        self.check_incarnation(id, r.incarnation)?;
         let revived = self
             .shared
             .core()
@@ -129,7 +143,9 @@ impl Trainer for TrainerService {
         &self,
         req: Request<GetWorkRequest>,
     ) -> Result<Response<GetWorkResponse>, Status> {
-        let id = req.into_inner().worker_id;
+        let r = req.into_inner();
+        let id = r.worker_id;
+        self.check_incarnation(id, r.incarnation)?;
         let deadline = tokio::time::Instant::now() + LONG_POLL;
         let mut changed = self.shared.subscribe();
         loop {
@@ -195,6 +211,7 @@ impl Trainer for TrainerService {
         let address = peer(&req);
         let r = req.into_inner();
         let worker = r.worker_id;
+        self.check_incarnation(worker, r.incarnation)?;
         let n = self.shared.param_count;
         let mut nodes = Vec::with_capacity(r.nodes.len());
         let (mut loss_sum, mut bytes) = (0.0, 0u64);

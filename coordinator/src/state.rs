@@ -72,6 +72,8 @@ pub struct Shared {
     pub model: common::model::ModelSpec,
     pub keep_prob: f32,
     pub heartbeat_interval_ms: u32,
+    /// This process's identity for workers (see `RegisterResponse.incarnation`): random, never 0.
+    pub incarnation: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -98,6 +100,7 @@ impl Shared {
             model,
             keep_prob,
             heartbeat_interval_ms,
+            incarnation: rand::random::<u64>() | 1,
         })
     }
 

@@ -13,7 +13,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dtra
 
 /// Bumped on any incompatible change of the contract. A worker whose version differs is refused
 /// at registration with `FAILED_PRECONDITION`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest gRPC message either side accepts or sends: 64 MiB. A task carries one parameter
 /// vector (13.1 MB for the seed convnet) plus at most a batch of images; a submission carries one

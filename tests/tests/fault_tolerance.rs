@@ -8,8 +8,8 @@ use common::engine::{BackendKind, Engine};
 use common::train::train_local;
 use proto::trainer_client::TrainerClient;
 use proto::{
-    GetWorkRequest, HeartbeatRequest, NodeGradient, NodeRange, RegisterRequest, SubmitRequest,
-    get_work_response::Reply,
+    GetWorkRequest, HeartbeatRequest, NodeGradient, NodeRange, RegisterRequest, RegisterResponse,
+    SubmitRequest, get_work_response::Reply,
 };
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -229,10 +229,11 @@ fn register(model: &str, protocol_version: u32) -> RegisterRequest {
     }
 }
 
-fn answer(worker: u64, task: &proto::Task, gradient: &[f32]) -> SubmitRequest {
+fn answer(me: &RegisterResponse, task: &proto::Task, gradient: &[f32]) -> SubmitRequest {
     let bytes = proto::encode_f32(gradient);
     SubmitRequest {
-        worker_id: worker,
+        worker_id: me.worker_id,
+        incarnation: me.incarnation,
         task_id: task.task_id,
         step: task.step,
         nodes: task
@@ -308,6 +309,7 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
         .unwrap()
         .into_inner();
     let me = reg.worker_id;
+    let incarnation = reg.incarnation;
     let n = reg.parameter_count as usize;
     client
         .register(register("seed", proto::PROTOCOL_VERSION))
@@ -318,7 +320,21 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
         &mut refused,
         "unknown worker id",
         client
-            .heartbeat(HeartbeatRequest { worker_id: 424_242 })
+            .heartbeat(HeartbeatRequest {
+                worker_id: 424_242,
+                incarnation,
+            })
+            .await,
+        Code::NotFound,
+    );
+    expect(
+        &mut refused,
+        "worker id of an earlier coordinator process",
+        client
+            .heartbeat(HeartbeatRequest {
+                worker_id: me,
+                incarnation: incarnation ^ 2,
+            })
             .await,
         Code::NotFound,
     );
@@ -327,7 +343,10 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let task = loop {
         let r = client
-            .get_work(GetWorkRequest { worker_id: me })
+            .get_work(GetWorkRequest {
+                worker_id: me,
+                incarnation,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -342,7 +361,7 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
         &mut refused,
         "gradient of the wrong length",
         client
-            .submit_gradients(answer(me, &task, &zeros[1..]))
+            .submit_gradients(answer(&reg, &task, &zeros[1..]))
             .await,
         Code::InvalidArgument,
     );
@@ -351,7 +370,7 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     expect(
         &mut refused,
         "NaN in the gradient",
-        client.submit_gradients(answer(me, &task, &nan)).await,
+        client.submit_gradients(answer(&reg, &task, &nan)).await,
         Code::InvalidArgument,
     );
     let mut inf = zeros.clone();
@@ -359,10 +378,10 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     expect(
         &mut refused,
         "Inf in the gradient",
-        client.submit_gradients(answer(me, &task, &inf)).await,
+        client.submit_gradients(answer(&reg, &task, &inf)).await,
         Code::InvalidArgument,
     );
-    let mut stale = answer(me, &task, &zeros);
+    let mut stale = answer(&reg, &task, &zeros);
     stale.step += 1000;
     expect(
         &mut refused,
@@ -370,7 +389,7 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
         client.submit_gradients(stale).await,
         Code::FailedPrecondition,
     );
-    let mut unknown_task = answer(me, &task, &zeros);
+    let mut unknown_task = answer(&reg, &task, &zeros);
     unknown_task.task_id += 1_000_000;
     expect(
         &mut refused,
@@ -378,7 +397,7 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
         client.submit_gradients(unknown_task).await,
         Code::InvalidArgument,
     );
-    let mut wrong_nodes = answer(me, &task, &zeros);
+    let mut wrong_nodes = answer(&reg, &task, &zeros);
     wrong_nodes.nodes[0].node = Some(NodeRange { lo: 0, hi: 10_000 });
     expect(
         &mut refused,
@@ -386,7 +405,7 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
         client.submit_gradients(wrong_nodes).await,
         Code::InvalidArgument,
     );
-    let mut impostor = answer(me, &task, &zeros);
+    let mut impostor = answer(&reg, &task, &zeros);
     impostor.worker_id = 424_242;
     expect(
         &mut refused,
@@ -396,7 +415,7 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     );
     // A well-formed answer is taken...
     let taken = client
-        .submit_gradients(answer(me, &task, &zeros))
+        .submit_gradients(answer(&reg, &task, &zeros))
         .await
         .unwrap();
     assert!(taken.into_inner().accepted);
@@ -404,17 +423,22 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     expect(
         &mut refused,
         "duplicate answer",
-        client.submit_gradients(answer(me, &task, &zeros)).await,
+        client.submit_gradients(answer(&reg, &task, &zeros)).await,
         Code::AlreadyExists,
     );
     expect(
         &mut refused,
         "calls from a quarantined worker",
-        client.get_work(GetWorkRequest { worker_id: me }).await,
+        client
+            .get_work(GetWorkRequest {
+                worker_id: me,
+                incarnation,
+            })
+            .await,
         Code::PermissionDenied,
     );
 
-    let mut huge = answer(me, &task, &zeros);
+    let mut huge = answer(&reg, &task, &zeros);
     huge.nodes[0].gradient = vec![0u8; proto::MAX_MESSAGE_BYTES + 1024].into();
     expect(
         &mut refused,
@@ -454,6 +478,6 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     let status = c.wait_exit(Duration::from_secs(600)).unwrap();
     assert!(status.success(), "{}\n{}", c.tail(), w0.tail());
     assert_eq!(steps_done(&c.log_text()), (1..=STEPS).collect::<Vec<_>>());
-    assert_eq!(refused.len(), 14, "{refused:?}");
+    assert_eq!(refused.len(), 15, "{refused:?}");
     println!("refused {} kinds of bad input: {refused:#?}", refused.len());
 }

@@ -1,14 +1,15 @@
 //! A coordinator killed with SIGKILL resumes from its latest checkpoint at the exact batch; the
-//! workers ride out the restart (retrying with backoff) without being restarted, and the final
-//! parameters equal those of an uninterrupted run, bit for bit.
+//! workers ride out each restart (registering again, with backoff) without being restarted, and
+//! the final parameters equal those of an uninterrupted run, bit for bit.
 
 use cluster_tests::*;
 use proto::GetStatusRequest;
 use proto::status_client::StatusClient;
+use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
 
 fn common_args(ck: &std::path::Path) -> Vec<String> {
-    short_job(30, 5, ck)
+    short_job(40, 5, ck)
 }
 
 async fn step_of(url: &str) -> Option<u64> {
@@ -22,8 +23,23 @@ async fn step_of(url: &str) -> Option<u64> {
     )
 }
 
+/// Fails at once, with its log, if a worker has failed: they must ride out every restart.
+/// (They exit with success when the last coordinator tells them the job is over.)
+fn assert_not_failed(workers: &mut [Proc]) {
+    for w in workers {
+        if let Some(status) = w.child.try_wait().unwrap() {
+            assert!(
+                status.success(),
+                "{} failed ({status})\n{}",
+                w.name,
+                w.tail()
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn a_coordinator_killed_mid_epoch_resumes_and_ends_where_an_uninterrupted_run_does() {
+async fn a_coordinator_killed_three_times_resumes_and_ends_where_an_uninterrupted_run_does() {
     let reference_dir = scratch("resume-reference");
     let ck_ref = reference_dir.join("ck");
     run_job(
@@ -46,53 +62,74 @@ async fn a_coordinator_killed_mid_epoch_resumes_and_ends_where_an_uninterrupted_
         args.extend(["--listen".to_string(), format!("127.0.0.1:{port}")]);
         Proc::start("coordinator", name, &dir, &coordinator_args(&args)).unwrap()
     };
-    let mut first = start("coordinator-1");
-    first
+    let mut coordinator = start("coordinator-0");
+    coordinator
         .wait_for_line("coordinator listening on", Duration::from_secs(60))
         .unwrap();
-    let mut w1 = start_worker(&dir, "worker1", &url, &[]).unwrap();
-    let mut w2 = start_worker(&dir, "worker2", &url, &[]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while step_of(&url).await.unwrap_or(0) < 13 {
-        assert!(Instant::now() < deadline, "no progress\n{}", first.tail());
+    let mut workers = vec![
+        start_worker(&dir, "worker1", &url, &[]).unwrap(),
+        start_worker(&dir, "worker2", &url, &[]).unwrap(),
+    ];
+    // Killed once past each of these steps, at a random moment within the step (mid-compute,
+    // mid-upload or mid-checkpoint), seeded so a failure replays.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let mut resumed_at = 0;
+    for (i, past) in [8u64, 18, 28].into_iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while step_of(&url).await.unwrap_or(0) < past {
+            assert!(
+                Instant::now() < deadline,
+                "no progress\n{}",
+                coordinator.tail()
+            );
+            assert_not_failed(&mut workers);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..600))).await;
+        coordinator.signal("KILL").unwrap();
+        coordinator.wait_exit(Duration::from_secs(10)).unwrap();
+
+        coordinator = start(&format!("coordinator-{}", i + 1));
+        let line = coordinator
+            .wait_for_line("resuming from checkpoint", Duration::from_secs(60))
+            .unwrap();
+        let step: u64 = line
+            .split("step=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no step in {line:?}"));
+        assert!(
+            step % 5 == 0 && step > resumed_at && step <= past + 5,
+            "resumed at step {step} after a kill past step {past} (previous resume {resumed_at})"
+        );
+        resumed_at = step;
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while coordinator.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "{}", coordinator.tail());
+        assert_not_failed(&mut workers);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    first.signal("KILL").unwrap();
-    first.wait_exit(Duration::from_secs(10)).unwrap();
-
-    let mut second = start("coordinator-2");
-    let resumed = second
-        .wait_for_line("resuming from checkpoint", Duration::from_secs(60))
-        .unwrap();
     assert!(
-        resumed.contains("step=10"),
-        "expected to resume at step 10: {resumed}"
-    );
-    assert!(
-        second
-            .wait_exit(Duration::from_secs(600))
-            .unwrap()
-            .success(),
+        coordinator.wait_exit(Duration::ZERO).unwrap().success(),
         "{}",
-        second.tail()
+        coordinator.tail()
     );
-    assert!(
-        w1.wait_exit(Duration::from_secs(30)).unwrap().success(),
-        "{}",
-        w1.tail()
-    );
-    assert!(
-        w2.wait_exit(Duration::from_secs(30)).unwrap().success(),
-        "{}",
-        w2.tail()
-    );
-    assert!(w1.log_text().contains("re-registering"), "{}", w1.tail());
+    for w in &mut workers {
+        assert!(
+            w.wait_exit(Duration::from_secs(30)).unwrap().success(),
+            "{}",
+            w.tail()
+        );
+        assert!(w.log_text().contains("re-registering"), "{}", w.tail());
+    }
 
     let resumed = latest_params(&ck).unwrap();
     for (a, b) in reference.iter().zip(&resumed) {
-        assert!(a.2 == b.2, "{} differs after the restart", a.0);
+        assert!(a.2 == b.2, "{} differs after the restarts", a.0);
     }
-    assert_eq!(latest_manifest(&ck).unwrap()["step"], 30);
+    assert_eq!(latest_manifest(&ck).unwrap()["step"], 40);
 }
 
 #[test]

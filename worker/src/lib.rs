@@ -197,50 +197,57 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), WorkerEr
                 engine.param_count()
             )));
         }
-        let id = reg.worker_id;
+        let me = Me {
+            id: reg.worker_id,
+            incarnation: reg.incarnation,
+        };
+        let id = me.id;
         info!(worker = id, model = %spec, backend = %backend, device = args.device, "registered");
 
         let session = CancellationToken::new();
         let beat = tokio::spawn(heartbeats(
             client.clone(),
-            id,
+            me,
             Duration::from_millis(u64::from(reg.heartbeat_interval_ms.max(50))),
             session.clone(),
         ));
-        let outcome = work(&mut client, id, &engine, &shutdown).await;
+        let outcome = work(&mut client, me, &engine, &shutdown).await;
         session.cancel();
         let _ = beat.await;
         match outcome {
             Ok(()) => return Ok(()),
-            // The coordinator forgot us (it restarted) or went away: register again.
-            Err(status)
-                if matches!(
-                    status.code(),
-                    Code::NotFound
-                        | Code::Unavailable
-                        | Code::Unknown
-                        | Code::Cancelled
-                        | Code::DeadlineExceeded
-                ) =>
-            {
-                warn!(worker = id, error = %status.message(), "lost the coordinator; re-registering");
+            Err(status) if is_refusal(status.code()) => {
+                return Err(WorkerError::Refused(status.message().to_string()));
             }
-            Err(status) => return Err(WorkerError::Refused(status.message().to_string())),
+            // The coordinator forgot us (it restarted) or went away: register again.
+            Err(status) => {
+                warn!(worker = id, code = ?status.code(), error = %status.message(), "lost the coordinator; re-registering");
+            }
         }
     }
+}
+
+/// Who this worker is to the coordinator process it registered with.
+#[derive(Debug, Clone, Copy)]
+struct Me {
+    id: u64,
+    incarnation: u64,
 }
 
 /// Pulls and computes shards until the job ends (Ok) or a call fails (Err).
 async fn work(
     client: &mut TrainerClient<Channel>,
-    id: u64,
+    me: Me,
     engine: &Engine,
     shutdown: &CancellationToken,
 ) -> Result<(), Status> {
     loop {
         let reply = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = client.get_work(GetWorkRequest { worker_id: id }) => r?.into_inner().reply,
+            r = client.get_work(GetWorkRequest {
+                worker_id: me.id,
+                incarnation: me.incarnation,
+            }) => r?.into_inner().reply,
         };
         match reply {
             Some(Reply::Task(task)) => {
@@ -255,7 +262,8 @@ async fn work(
                 let compute_ms = started.elapsed().as_millis() as u32;
                 let res = client
                     .submit_gradients(SubmitRequest {
-                        worker_id: id,
+                        worker_id: me.id,
+                        incarnation: me.incarnation,
                         task_id,
                         step,
                         nodes,
@@ -344,7 +352,7 @@ pub fn compute(engine: &Engine, task: &Task) -> Result<Vec<NodeGradient>, Worker
 /// Sends heartbeats until `stop`.
 async fn heartbeats(
     mut client: TrainerClient<Channel>,
-    id: u64,
+    me: Me,
     every: Duration,
     stop: CancellationToken,
 ) {
@@ -353,7 +361,10 @@ async fn heartbeats(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let call = client.heartbeat(HeartbeatRequest { worker_id: id });
+        let call = client.heartbeat(HeartbeatRequest {
+            worker_id: me.id,
+            incarnation: me.incarnation,
+        });
         match tokio::time::timeout(every * 3, call).await {
             Ok(Ok(_)) => {}
             Ok(Err(s)) if s.code() == Code::NotFound => {
@@ -365,8 +376,25 @@ async fn heartbeats(
     }
 }
 
-/// Calls `f` until it succeeds, retrying unavailability with exponential backoff and jitter for
-/// at most `patience`. Ok(None) on shutdown; a refusal (not unavailability) is returned at once.
+/// Whether the coordinator turned this worker down for good: an incompatible worker, a
+/// quarantine, a gradient it will never accept. Everything else is "try again": a coordinator
+/// killed mid-call reaches tonic as Unavailable, Unknown, Internal (a broken pipe, an h2 reset),
+/// Cancelled or DeadlineExceeded depending on the moment, and NotFound means a restarted
+/// coordinator does not know this worker yet.
+fn is_refusal(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::PermissionDenied
+            | Code::OutOfRange
+            | Code::Unimplemented
+            | Code::Unauthenticated
+    )
+}
+
+/// Calls `f` until it succeeds, retrying with exponential backoff and jitter for at most
+/// `patience`. Ok(None) on shutdown; a refusal ([`is_refusal`]) is returned at once.
 async fn retrying<T, F, Fut>(
     url: &str,
     patience: Duration,
@@ -382,15 +410,10 @@ where
     loop {
         let last = match f().await {
             Ok(v) => return Ok(Some(v)),
-            Err(s)
-                if matches!(
-                    s.code(),
-                    Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
-                ) =>
-            {
-                s.message().to_string()
+            Err(s) if is_refusal(s.code()) => {
+                return Err(WorkerError::Refused(s.message().to_string()));
             }
-            Err(s) => return Err(WorkerError::Refused(s.message().to_string())),
+            Err(s) => s.message().to_string(),
         };
         if started.elapsed() >= patience {
             return Err(WorkerError::Unreachable {
