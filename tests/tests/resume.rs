@@ -100,7 +100,7 @@ async fn a_coordinator_killed_three_times_resumes_and_ends_where_an_uninterrupte
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("no step in {line:?}"));
         assert!(
-            step % 5 == 0 && step > resumed_at && step <= past + 5,
+            step.is_multiple_of(5) && step > resumed_at && step <= past + 5,
             "resumed at step {step} after a kill past step {past} (previous resume {resumed_at})"
         );
         resumed_at = step;
