@@ -243,7 +243,6 @@ fn answer(me: &RegisterResponse, task: &proto::Task, gradient: &[f32]) -> Submit
                 node: Some(*n),
                 gradient: bytes.clone().into(),
                 loss_sum: 1.0,
-                examples: 1,
             })
             .collect(),
         compute_ms: 1,

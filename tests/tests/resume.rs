@@ -1,10 +1,12 @@
 //! A coordinator killed with SIGKILL resumes from its latest checkpoint at the exact batch; the
 //! workers ride out each restart (registering again, with backoff) without being restarted, and
-//! the final parameters equal those of an uninterrupted run, bit for bit.
+//! the final parameters equal those of an uninterrupted run, bit for bit. A worker still using
+//! its id from the killed process is told to register again, not taken for the new holder.
 
 use cluster_tests::*;
-use proto::GetStatusRequest;
 use proto::status_client::StatusClient;
+use proto::trainer_client::TrainerClient;
+use proto::{GetStatusRequest, HeartbeatRequest, RegisterRequest, RegisterResponse};
 use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
 
@@ -67,8 +69,8 @@ async fn a_coordinator_killed_three_times_resumes_and_ends_where_an_uninterrupte
         .wait_for_line("coordinator listening on", Duration::from_secs(60))
         .unwrap();
     let mut workers = vec![
-        start_worker(&dir, "worker1", &url, &[]).unwrap(),
-        start_worker(&dir, "worker2", &url, &[]).unwrap(),
+        start_worker(&dir, "worker1", &url, &["--name", "worker1"]).unwrap(),
+        start_worker(&dir, "worker2", &url, &["--name", "worker2"]).unwrap(),
     ];
     // Killed once past each of these steps, at a random moment within the step (mid-compute,
     // mid-upload or mid-checkpoint), seeded so a failure replays.
@@ -124,12 +126,68 @@ async fn a_coordinator_killed_three_times_resumes_and_ends_where_an_uninterrupte
         );
         assert!(w.log_text().contains("re-registering"), "{}", w.tail());
     }
+    // Each restarted coordinator got both workers back as two workers (a worker still using
+    // its id from the killed process would not register again), and started on --min-workers.
+    for k in 1..=3 {
+        let log = std::fs::read_to_string(dir.join(format!("coordinator-{k}.log"))).unwrap();
+        for name in ["worker1", "worker2"] {
+            let field = format!("name=\"{name}\"");
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("worker registered") && l.contains(&field)),
+                "coordinator-{k} never registered {name}\n{log}"
+            );
+        }
+        assert!(log.contains("waiting for workers: 0 of 1 live"), "{log}");
+    }
 
     let resumed = latest_params(&ck).unwrap();
     for (a, b) in reference.iter().zip(&resumed) {
         assert!(a.2 == b.2, "{} differs after the restarts", a.0);
     }
     assert_eq!(latest_manifest(&ck).unwrap()["step"], 40);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_id_from_a_killed_coordinator_is_not_taken_for_its_new_holder() {
+    let dir = scratch("incarnation");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut args = short_job(10, 0, &dir.join("ck"));
+    args.extend(["--listen".to_string(), format!("127.0.0.1:{port}")]);
+    let register = |name: &str| {
+        let url = url.clone();
+        let req = RegisterRequest {
+            protocol_version: proto::PROTOCOL_VERSION,
+            name: name.into(),
+            ..Default::default()
+        };
+        async move {
+            let mut c = TrainerClient::connect(url).await.unwrap();
+            let reg: RegisterResponse = c.register(req).await.unwrap().into_inner();
+            (c, reg)
+        }
+    };
+    let heartbeat = |reg: &RegisterResponse| HeartbeatRequest {
+        worker_id: reg.worker_id,
+        incarnation: reg.incarnation,
+    };
+
+    let mut first = Proc::start("coordinator", "first", &dir, &coordinator_args(&args)).unwrap();
+    first.grpc_url().unwrap();
+    let (_, old) = register("old").await;
+    first.signal("KILL").unwrap();
+    first.wait_exit(Duration::from_secs(10)).unwrap();
+
+    let mut second = Proc::start("coordinator", "second", &dir, &coordinator_args(&args)).unwrap();
+    second.grpc_url().unwrap();
+    let (mut c, new) = register("new").await;
+    assert_eq!(new.worker_id, old.worker_id, "ids restart with the process");
+    assert_ne!(new.incarnation, old.incarnation);
+    c.heartbeat(heartbeat(&new)).await.unwrap();
+    let stale = c.heartbeat(heartbeat(&old)).await.unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::NotFound, "{stale:?}");
+    assert!(stale.message().contains("register again"), "{stale:?}");
 }
 
 #[test]

@@ -201,8 +201,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), WorkerEr
             id: reg.worker_id,
             incarnation: reg.incarnation,
         };
-        let id = me.id;
-        info!(worker = id, model = %spec, backend = %backend, device = args.device, "registered");
+        info!(worker = me.id, model = %spec, backend = %backend, device = args.device, "registered");
 
         let session = CancellationToken::new();
         let beat = tokio::spawn(heartbeats(
@@ -221,7 +220,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), WorkerEr
             }
             // The coordinator forgot us (it restarted) or went away: register again.
             Err(status) => {
-                warn!(worker = id, code = ?status.code(), error = %status.message(), "lost the coordinator; re-registering");
+                warn!(worker = me.id, code = ?status.code(), error = %status.message(), "lost the coordinator; re-registering");
             }
         }
     }
@@ -317,9 +316,6 @@ pub fn compute(engine: &Engine, task: &Task) -> Result<Vec<NodeGradient>, Worker
         });
         at += size;
     }
-    let grads = engine.gradients(&params, &batches)?;
-    let examples: Vec<u32> = grads.iter().map(|g| g.examples).collect();
-    let losses: Vec<f64> = grads.iter().map(|g| g.loss_sum).collect();
     let nodes: Vec<Node> = task.nodes.iter().map(|n| Node::new(n.lo, n.hi)).collect();
     let first = task.first_leaf;
     let last = first + task.leaf_sizes.len() as u32;
@@ -331,6 +327,8 @@ pub fn compute(engine: &Engine, task: &Task) -> Result<Vec<NodeGradient>, Worker
             "nodes {nodes:?} outside leaves {first}..{last}"
         )));
     }
+    let grads = engine.gradients(&params, &batches)?;
+    let losses: Vec<f64> = grads.iter().map(|g| g.loss_sum).collect();
     let sums =
         common::train::node_sums(first, grads.into_iter().map(|g| g.values).collect(), &nodes)
             .ok_or_else(|| bad("nodes do not tile the leaves".into()))?;
@@ -342,8 +340,7 @@ pub fn compute(engine: &Engine, task: &Task) -> Result<Vec<NodeGradient>, Worker
             NodeGradient {
                 node: Some(NodeRange { lo: n.lo, hi: n.hi }),
                 gradient: proto::encode_f32(&sum).into(),
-                loss_sum: losses[leaves.clone()].iter().sum(),
-                examples: examples[leaves].iter().sum(),
+                loss_sum: losses[leaves].iter().sum(),
             }
         })
         .collect())
