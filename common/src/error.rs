@@ -48,4 +48,6 @@ pub enum Error {
     Shape(String),
     #[error("tensor data error: {0}")]
     Tensor(String),
+    #[error("training diverged: {0}")]
+    Diverged(String),
 }

@@ -26,6 +26,9 @@ pub struct TrainConfig {
     pub epochs: u64,
     /// Stop after this many steps even if epochs remain.
     pub max_steps: Option<u64>,
+    /// Clip the step's mean gradient to this global L2 norm, as PyTorch's `clip_grad_norm_`.
+    #[serde(default)]
+    pub clip_grad_norm: Option<f32>,
 }
 
 impl TrainConfig {
@@ -41,6 +44,7 @@ impl TrainConfig {
         seed: 1,
         epochs: 3,
         max_steps: None,
+        clip_grad_norm: None,
     };
 
     pub fn schedule(&self, train_len: usize) -> Schedule {
@@ -78,10 +82,26 @@ impl TrainState {
         }
     }
 
-    /// Applies one step's summed gradient.
-    pub fn apply(&mut self, sum: &[f32], examples: u32) {
-        self.sgd.step(&mut self.params, sum, examples);
+    /// Applies one step's summed gradient, clipped to `clip` (see [`TrainConfig`]). Returns the
+    /// L2 norm of the mean gradient before clipping. A non-finite gradient leaves the state as it
+    /// was; a step whose parameters come out non-finite leaves it unusable. Both are
+    /// [`Error::Diverged`].
+    pub fn apply(&mut self, sum: &[f32], examples: u32, clip: Option<f32>) -> Result<f64, Error> {
+        let mean = 1.0 / examples.max(1) as f32;
+        let norm = crate::sgd::l2_norm(sum) * f64::from(mean);
+        if !norm.is_finite() {
+            return Err(Error::Diverged(format!("the gradient norm is {norm}")));
+        }
+        let scale = if clip.is_some() {
+            mean * crate::sgd::clip_factor(norm, clip)
+        } else {
+            mean
+        };
+        if !self.sgd.step(&mut self.params, sum, scale) {
+            return Err(Error::Diverged("a parameter became NaN or infinite".into()));
+        }
         self.step += 1;
+        Ok(norm)
     }
 }
 
@@ -169,7 +189,7 @@ pub fn local_step(
     let sum = node_sums(0, grads.into_iter().map(|g| g.values).collect(), &[root])
         .and_then(|mut v| v.pop())
         .ok_or_else(|| Error::BadBatch("reduction tree incomplete".into()))?;
-    state.apply(&sum, examples);
+    state.apply(&sum, examples, cfg.clip_grad_norm)?;
     debug_assert!(cfg.batch_size as u32 == examples);
     Ok(loss / f64::from(examples.max(1)))
 }

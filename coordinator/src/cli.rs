@@ -135,12 +135,15 @@ pub fn status_json(r: &StatusReply) -> serde_json::Value {
         "bytes_sent": r.bytes_sent,
         "bytes_received": r.bytes_received,
         "bad_inputs": r.bad_inputs,
+        "warning": r.warning,
+        "last_grad_norm": r.last_grad_norm,
         "workers": r.workers.iter().map(|w| serde_json::json!({
             "id": w.id, "name": w.name, "address": w.address, "backend": w.backend,
             "device": w.device, "state": w.state,
             "last_heartbeat_secs_ago": w.last_heartbeat_secs_ago,
             "steps_done": w.steps_done, "mean_step_ms": w.mean_step_ms, "failures": w.failures,
             "bad_inputs": w.bad_inputs, "last_bad_input": w.last_bad_input,
+            "shard_failures": w.shard_failures, "last_failure": w.last_failure,
         })).collect::<Vec<_>>(),
     })
 }
@@ -176,6 +179,9 @@ fn status_text(r: &StatusReply) -> String {
     if r.has_test_accuracy {
         out.push_str(&format!("test accuracy {:.4}\n", r.test_accuracy));
     }
+    if !r.warning.is_empty() {
+        out.push_str(&format!("warning: {}\n", r.warning));
+    }
     for w in &r.workers {
         out.push_str(&format!(
             "  worker {} {} {} {}/{} {} | heard {:.1}s ago | {} shards, {:.0} ms each | {} failures\n",
@@ -185,6 +191,12 @@ fn status_text(r: &StatusReply) -> String {
             out.push_str(&format!(
                 "    {} bad inputs, last: {}\n",
                 w.bad_inputs, w.last_bad_input
+            ));
+        }
+        if w.shard_failures > 0 {
+            out.push_str(&format!(
+                "    {} shards it could not compute, last: {}\n",
+                w.shard_failures, w.last_failure
             ));
         }
     }

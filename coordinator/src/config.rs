@@ -223,6 +223,17 @@ pub struct TrainArgs {
     /// Seconds to wait for enough workers before giving up (at start or after losing them).
     #[arg(long, env = "COORDINATOR_WORKER_WAIT", default_value_t = 600.0)]
     pub worker_wait: f64,
+    /// Clip each step's mean gradient to this global L2 norm (as PyTorch's `clip_grad_norm_`).
+    #[arg(long, env = "COORDINATOR_CLIP_GRAD_NORM")]
+    pub clip_grad_norm: Option<f32>,
+    /// Refuse a worker's node gradient whose L2 norm per example exceeds this (counted against
+    /// the worker, see --max-bad-inputs); 0: no bound.
+    #[arg(long, env = "COORDINATOR_MAX_NODE_GRAD_NORM", default_value_t = 1e6)]
+    pub max_node_grad_norm: f64,
+    /// Seconds the server stays up after the job ends, so workers hear it is over and status
+    /// clients read the outcome (health says NOT_SERVING meanwhile).
+    #[arg(long, env = "COORDINATOR_LINGER", default_value_t = 3.0)]
+    pub linger: f64,
 }
 
 /// The job's resolved settings.
@@ -252,6 +263,7 @@ impl TrainArgs {
             seed: self.seed,
             epochs: self.epochs.unwrap_or(if lecture { 10 } else { d.epochs }),
             max_steps: self.max_steps,
+            clip_grad_norm: self.clip_grad_norm,
         };
         JobConfig {
             train,
@@ -272,6 +284,14 @@ impl TrainArgs {
 
     pub fn worker_wait(&self) -> Duration {
         Duration::from_secs_f64(self.worker_wait)
+    }
+
+    pub fn linger(&self) -> Duration {
+        Duration::from_secs_f64(self.linger)
+    }
+
+    pub fn max_node_grad_norm(&self) -> Option<f64> {
+        (self.max_node_grad_norm > 0.0).then_some(self.max_node_grad_norm)
     }
 
     /// Checks the flags, with messages that say what to change.
@@ -329,10 +349,53 @@ impl TrainArgs {
                 "--eval-every must be at least 1".into(),
             ),
             (self.keep_last == 0, "--keep-last must be at least 1".into()),
+            (
+                self.clip_grad_norm
+                    .is_some_and(|c| !(c.is_finite() && c > 0.0)),
+                "--clip-grad-norm must be a positive number".into(),
+            ),
+            (
+                !(self.max_node_grad_norm.is_finite() && self.max_node_grad_norm >= 0.0),
+                "--max-node-grad-norm must be a number >= 0 (0: no bound)".into(),
+            ),
+            (
+                !(self.linger.is_finite() && self.linger >= 0.0),
+                "--linger must be a number of seconds >= 0".into(),
+            ),
         ];
         match checks.into_iter().find(|(bad, _)| *bad) {
             Some((_, msg)) => Err(msg),
-            None => Ok(()),
+            None => message_sizes_fit(t),
         }
     }
+}
+
+/// Checks, before any worker joins, that every message this job implies fits the protocol's
+/// bound: the largest task (the parameters and a whole batch of images, when one worker takes
+/// every leaf) and the largest submission message (one node's gradient).
+fn message_sizes_fit(t: &TrainConfig) -> Result<(), String> {
+    let params = t.model.param_count();
+    let leaves = t.batch_size.div_ceil(t.micro_batch.max(1));
+    let task = proto::largest_task_bytes(params, t.batch_size, leaves);
+    let part = proto::largest_submission_part_bytes(params);
+    let max = proto::MAX_MESSAGE_BYTES;
+    let mb = |b: usize| b as f64 / 1e6;
+    if task > max {
+        return Err(format!(
+            "a task of this job would be {:.1} MB ({} images of 785 bytes and {:.1} MB of parameters), over the {:.1} MB message bound: lower --batch-size",
+            mb(task),
+            t.batch_size,
+            mb(params * 4),
+            mb(max)
+        ));
+    }
+    if part > max {
+        return Err(format!(
+            "model {} has {:.1} MB of parameters, over the {:.1} MB message bound",
+            t.model,
+            mb(params * 4),
+            mb(max)
+        ));
+    }
+    Ok(())
 }

@@ -72,6 +72,9 @@ pub struct Worker {
     pub failures: u64,
     pub bad_inputs: u32,
     pub last_bad_input: Option<String>,
+    /// Shards the worker reported it could not compute, and the last reason.
+    pub shard_failures: u64,
+    pub last_failure: Option<String>,
 }
 
 /// A shard handed to a worker.
@@ -93,6 +96,17 @@ pub struct Submission {
     pub step: u64,
     pub nodes: Vec<(Node, Vec<f32>)>,
     pub loss_sum: f64,
+}
+
+/// Why a worker could not compute a shard (see `ReportFailure` in the protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The device or engine failed.
+    Compute,
+    /// The loss or a gradient was NaN or infinite.
+    NonFinite,
+    /// The task was malformed.
+    BadTask,
 }
 
 /// What became of a submission.
@@ -127,6 +141,13 @@ pub enum CoreError {
     WrongNodes { got: Vec<Node>, want: Vec<Node> },
 }
 
+/// The job's verdict when workers cannot compute a shard because its numbers are not finite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diverged {
+    pub step: u64,
+    pub reason: String,
+}
+
 impl CoreError {
     /// Whether this error means the sender sent bad data (counts toward quarantine), as
     /// opposed to an honest race such as a stale step after a restart.
@@ -148,6 +169,8 @@ struct Shard {
     done: bool,
     /// Copies in flight: (task, worker, started).
     running: Vec<(TaskId, WorkerId, Instant)>,
+    /// Workers that reported they could not compute this shard; it goes to others first.
+    failed_by: Vec<WorkerId>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -166,6 +189,10 @@ struct Round {
     results: BTreeMap<Node, Vec<f32>>,
     loss_sum: f64,
     shard_times: Vec<Duration>,
+    /// Workers whose numbers for this step were non-finite or over the norm bound, one entry
+    /// per report.
+    troubled: Vec<WorkerId>,
+    diverged: Option<Diverged>,
 }
 
 /// A finished step's reduced gradient.
@@ -188,7 +215,8 @@ pub struct Core {
     /// Typical shard time of the last finished round, the straggler reference before any
     /// shard of the current round has finished.
     typical_shard_time: Option<Duration>,
-    finished: bool,
+    /// Set when the job is over: why, as told to workers asking for work.
+    finished: Option<String>,
 }
 
 impl Core {
@@ -200,7 +228,7 @@ impl Core {
             next_task: 1,
             round: None,
             typical_shard_time: None,
-            finished: false,
+            finished: None,
         }
     }
 
@@ -219,6 +247,8 @@ impl Core {
                 failures: 0,
                 bad_inputs: 0,
                 last_bad_input: None,
+                shard_failures: 0,
+                last_failure: None,
             },
         );
         id
@@ -297,6 +327,7 @@ impl Core {
                 leaves: r,
                 done: false,
                 running: Vec::new(),
+                failed_by: Vec::new(),
             })
             .collect();
         self.round = Some(Round {
@@ -307,6 +338,8 @@ impl Core {
             results: BTreeMap::new(),
             loss_sum: 0.0,
             shard_times: Vec::new(),
+            troubled: Vec::new(),
+            diverged: None,
         });
     }
 
@@ -314,14 +347,21 @@ impl Core {
         self.round.as_ref().map(|r| r.step)
     }
 
-    /// Tells every later `next_task` that the job is over.
-    pub fn finish(&mut self) {
-        self.finished = true;
+    /// Tells every later `next_task` that the job is over, and why.
+    pub fn finish(&mut self, why: impl Into<String>) {
+        self.finished = Some(why.into());
         self.round = None;
     }
 
-    pub fn is_finished(&self) -> bool {
-        self.finished
+    /// Why the job is over, once it is.
+    pub fn finished(&self) -> Option<&str> {
+        self.finished.as_deref()
+    }
+
+    /// Set when workers established that the current step cannot be computed with finite
+    /// numbers (see [`Core::fail_task`]).
+    pub fn divergence(&self) -> Option<&Diverged> {
+        self.round.as_ref()?.diverged.as_ref()
     }
 
     /// The next shard for an idle worker: a pending one, else a backup of a straggler.
@@ -336,13 +376,23 @@ impl Core {
         self.abandon_tasks_of(id);
         let reference = self.straggler_reference();
         let factor = self.cfg.straggler_factor;
+        let live: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| w.state == WorkerState::Live)
+            .map(|w| w.id)
+            .collect();
         let Some(round) = self.round.as_mut() else {
             return Ok(None);
         };
+        // A shard a worker could not compute goes to another worker; back to it only when
+        // every live worker has failed it.
+        let may_take =
+            |s: &Shard| !s.failed_by.contains(&id) || live.iter().all(|w| s.failed_by.contains(w));
         let pending = round
             .shards
             .iter()
-            .position(|s| !s.done && s.running.is_empty());
+            .position(|s| !s.done && s.running.is_empty() && may_take(s));
         let backup = || {
             let limit = reference?.mul_f64(factor);
             round.shards.iter().position(|s| {
@@ -381,34 +431,68 @@ impl Core {
         }))
     }
 
+    /// The cheap checks of an answer, run before any gradient is decoded: the sender is a
+    /// live worker, the step is current, the task was issued to it and not yet answered.
+    /// Returns the tree nodes the answer must hold, in order.
+    pub fn expected_nodes(
+        &mut self,
+        worker: WorkerId,
+        task_id: TaskId,
+        step: u64,
+        now: Instant,
+    ) -> Result<Vec<Node>, CoreError> {
+        self.touch(worker, now)?;
+        let (round, shard) = open_task(self.round.as_mut(), worker, task_id, step)?;
+        Ok(round.shards[shard].nodes.clone())
+    }
+
+    /// Records that `worker` could not compute task `task_id` (see [`FailureKind`]): the shard
+    /// goes back to the queue, to another worker first. A non-finite loss or gradient counts as
+    /// numeric trouble (see [`Core::numeric_trouble`]).
+    pub fn fail_task(
+        &mut self,
+        worker: WorkerId,
+        task_id: TaskId,
+        step: u64,
+        kind: FailureKind,
+        reason: &str,
+        now: Instant,
+    ) -> Result<(), CoreError> {
+        self.touch(worker, now)?;
+        let live = self.live_workers();
+        let (round, index) = open_task(self.round.as_mut(), worker, task_id, step)?;
+        round.answered(task_id);
+        let shard = &mut round.shards[index];
+        shard.running.retain(|(t, _, _)| *t != task_id);
+        if !shard.failed_by.contains(&worker) {
+            shard.failed_by.push(worker);
+        }
+        if kind == FailureKind::NonFinite {
+            round.note_trouble(worker, live, reason);
+        }
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.shard_failures += 1;
+            w.last_failure = Some(reason.to_string());
+        }
+        Ok(())
+    }
+
+    /// Records that `worker`'s numbers for the current step were unusable (non-finite, or a
+    /// gradient over the norm bound). From one worker that may be a sick device or a poisoner;
+    /// from two workers in the same step, or twice from the only live worker, it is the model:
+    /// the step diverged (see [`Core::divergence`]).
+    pub fn numeric_trouble(&mut self, worker: WorkerId, step: u64, reason: &str) {
+        let live = self.live_workers();
+        if let Some(round) = self.round.as_mut().filter(|r| r.step == step) {
+            round.note_trouble(worker, live, reason);
+        }
+    }
+
     /// Accepts a worker's answer for a shard.
     pub fn submit(&mut self, sub: Submission, now: Instant) -> Result<Accepted, CoreError> {
         self.touch(sub.worker, now)?;
-        let current = self.current_step();
-        let round = match self.round.as_mut() {
-            Some(r) if r.step == sub.step => r,
-            _ => {
-                return Err(CoreError::StaleStep {
-                    got: sub.step,
-                    current,
-                });
-            }
-        };
-        let issued = round
-            .issued
-            .get_mut(&sub.task_id)
-            .ok_or(CoreError::UnknownTask(sub.task_id))?;
-        if issued.worker != sub.worker {
-            return Err(CoreError::NotYourTask {
-                task: sub.task_id,
-                owner: issued.worker,
-                worker: sub.worker,
-            });
-        }
-        if issued.answered {
-            return Err(CoreError::Duplicate(sub.task_id));
-        }
-        let shard = &mut round.shards[issued.shard];
+        let (round, index) = open_task(self.round.as_mut(), sub.worker, sub.task_id, sub.step)?;
+        let shard = &mut round.shards[index];
         let got: Vec<Node> = sub.nodes.iter().map(|(n, _)| *n).collect();
         if got != shard.nodes {
             return Err(CoreError::WrongNodes {
@@ -416,7 +500,8 @@ impl Core {
                 want: shard.nodes.clone(),
             });
         }
-        issued.answered = true;
+        round.answered(sub.task_id);
+        let shard = &mut round.shards[index];
         let started = shard
             .running
             .iter()
@@ -487,6 +572,67 @@ impl Core {
             }
         }
     }
+}
+
+impl Round {
+    fn note_trouble(&mut self, worker: WorkerId, live: usize, reason: &str) {
+        self.troubled.push(worker);
+        let mut distinct = self.troubled.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let settled = distinct.len() >= 2 || (self.troubled.len() >= 2 && live <= 1);
+        if settled && self.diverged.is_none() {
+            let who = match distinct.len() {
+                1 => "the only live worker, twice".to_string(),
+                n => format!("{n} workers"),
+            };
+            self.diverged = Some(Diverged {
+                step: self.step,
+                reason: format!("{who}: {reason}"),
+            });
+        }
+    }
+
+    fn answered(&mut self, task: TaskId) {
+        if let Some(issued) = self.issued.get_mut(&task) {
+            issued.answered = true;
+        }
+    }
+}
+
+/// Checks that `task` of `step` is open for an answer from `worker`: the round is that step's,
+/// the task was issued to that worker and not answered yet. Returns the round and the shard.
+fn open_task(
+    round: Option<&mut Round>,
+    worker: WorkerId,
+    task: TaskId,
+    step: u64,
+) -> Result<(&mut Round, usize), CoreError> {
+    let round = match round {
+        Some(r) if r.step == step => r,
+        other => {
+            return Err(CoreError::StaleStep {
+                got: step,
+                current: other.map(|r| r.step),
+            });
+        }
+    };
+    let issued = round
+        .issued
+        .get(&task)
+        .ok_or(CoreError::UnknownTask(task))?;
+    if issued.worker != worker {
+        return Err(CoreError::NotYourTask {
+            task,
+            owner: issued.worker,
+            worker,
+        });
+    }
+    if issued.answered {
+        return Err(CoreError::Duplicate(task));
+    }
+    let shard = issued.shard;
+    Ok((round, shard))
 }
 
 #[cfg(test)]
@@ -678,5 +824,114 @@ mod tests {
         assert_eq!(c.live_workers(), 0);
         c.touch(ids[0], t0 + 11 * SECOND).unwrap();
         assert_eq!(c.live_workers(), 1);
+    }
+
+    #[test]
+    fn a_shard_a_worker_could_not_compute_goes_to_another_in_the_same_step() {
+        let t0 = Instant::now();
+        let (mut c, ids) = cluster(2, t0);
+        c.begin_round(0, 4);
+        let a = c.next_task(ids[0], t0).unwrap().unwrap();
+        let b = c.next_task(ids[1], t0).unwrap().unwrap();
+        c.fail_task(
+            ids[0],
+            a.task_id,
+            0,
+            FailureKind::Compute,
+            "out of memory",
+            t0,
+        )
+        .unwrap();
+        // The failing worker is not handed the same shard while another can take it...
+        assert_eq!(c.next_task(ids[0], t0).unwrap(), None);
+        c.submit(answer(&b, ids[1]), t0).unwrap();
+        let redo = c.next_task(ids[1], t0).unwrap().unwrap();
+        assert_eq!(redo.leaves, a.leaves);
+        // ...and an answer to the failed task is refused as a duplicate.
+        assert_eq!(
+            c.submit(answer(&a, ids[0]), t0),
+            Err(CoreError::Duplicate(a.task_id))
+        );
+        c.submit(answer(&redo, ids[1]), t0).unwrap();
+        assert_eq!(c.take_result().unwrap().sum, vec![4.0]);
+        let w = c.workers().find(|w| w.id == ids[0]).unwrap();
+        assert_eq!(w.shard_failures, 1);
+        assert_eq!(w.last_failure.as_deref(), Some("out of memory"));
+        assert_eq!(c.divergence(), None);
+    }
+
+    #[test]
+    fn the_only_worker_gets_back_a_shard_it_failed() {
+        let t0 = Instant::now();
+        let (mut c, ids) = cluster(1, t0);
+        c.begin_round(0, 4);
+        let a = c.next_task(ids[0], t0).unwrap().unwrap();
+        c.fail_task(ids[0], a.task_id, 0, FailureKind::Compute, "oops", t0)
+            .unwrap();
+        assert_eq!(c.next_task(ids[0], t0).unwrap().unwrap().leaves, a.leaves);
+    }
+
+    #[test]
+    fn non_finite_numbers_from_two_workers_mean_the_model_diverged() {
+        let t0 = Instant::now();
+        let (mut c, ids) = cluster(2, t0);
+        c.begin_round(7, 4);
+        let a = c.next_task(ids[0], t0).unwrap().unwrap();
+        let b = c.next_task(ids[1], t0).unwrap().unwrap();
+        c.fail_task(ids[0], a.task_id, 7, FailureKind::NonFinite, "NaN loss", t0)
+            .unwrap();
+        // One sick device is not a verdict on the model.
+        assert_eq!(c.divergence(), None);
+        c.fail_task(ids[1], b.task_id, 7, FailureKind::NonFinite, "NaN loss", t0)
+            .unwrap();
+        let d = c.divergence().unwrap();
+        assert_eq!(d.step, 7);
+        assert!(d.reason.contains("2 workers"), "{d:?}");
+    }
+
+    #[test]
+    fn non_finite_numbers_twice_from_the_only_worker_mean_the_model_diverged() {
+        let t0 = Instant::now();
+        let (mut c, ids) = cluster(1, t0);
+        c.begin_round(0, 4);
+        let a = c.next_task(ids[0], t0).unwrap().unwrap();
+        c.fail_task(ids[0], a.task_id, 0, FailureKind::NonFinite, "NaN", t0)
+            .unwrap();
+        assert_eq!(c.divergence(), None);
+        let b = c.next_task(ids[0], t0).unwrap().unwrap();
+        c.fail_task(ids[0], b.task_id, 0, FailureKind::NonFinite, "NaN", t0)
+            .unwrap();
+        assert!(c.divergence().is_some());
+    }
+
+    #[test]
+    fn gradients_over_the_bound_from_two_workers_mean_the_model_diverged() {
+        let t0 = Instant::now();
+        let (mut c, ids) = cluster(3, t0);
+        c.begin_round(0, 4);
+        c.numeric_trouble(ids[0], 0, "norm 1e7");
+        c.numeric_trouble(ids[0], 0, "norm 1e7");
+        // One worker of three, even twice: maybe a poisoner, not a verdict on the model.
+        assert_eq!(c.divergence(), None);
+        // A report about another step changes nothing.
+        c.numeric_trouble(ids[1], 5, "norm 1e7");
+        assert_eq!(c.divergence(), None);
+        c.numeric_trouble(ids[1], 0, "norm 1e7");
+        assert!(c.divergence().is_some());
+    }
+
+    #[test]
+    fn a_failure_report_for_an_old_step_is_a_race() {
+        let t0 = Instant::now();
+        let (mut c, ids) = cluster(1, t0);
+        c.begin_round(3, 4);
+        assert!(matches!(
+            c.fail_task(ids[0], 1, 2, FailureKind::Compute, "x", t0),
+            Err(CoreError::StaleStep { .. })
+        ));
+        assert_eq!(
+            c.expected_nodes(ids[0], 99, 3, t0),
+            Err(CoreError::UnknownTask(99))
+        );
     }
 }

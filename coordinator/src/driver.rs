@@ -5,6 +5,7 @@
 
 use crate::checkpoint::{CheckpointStore, Metrics};
 use crate::config::JobConfig;
+use crate::loss_watch::LossWatch;
 use crate::state::{HistoryPoint, JobState, Shared, StepData};
 use common::engine::Engine;
 use common::mnist::{Mnist, Split};
@@ -17,6 +18,23 @@ use tracing::{debug, info, warn};
 
 /// How often the driver checks heartbeat deadlines.
 const TICK: Duration = Duration::from_millis(100);
+
+/// A loss for a message: 4 decimals, or 4 significant digits when it is huge.
+fn shown_loss(loss: f64) -> String {
+    if loss.abs() < 1e6 {
+        format!("{loss:.4}")
+    } else {
+        format!("{loss:.3e}")
+    }
+}
+
+/// How a round ended.
+enum Round {
+    Done(crate::core::RoundResult),
+    Interrupted,
+    /// Workers found the step's numbers non-finite; the reason.
+    Diverged(String),
+}
 
 /// How a job ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +80,7 @@ impl Driver {
         );
         let mut batcher = Batcher::new(train, schedule);
         let mut pending_save: Option<JoinHandle<()>> = None;
+        let mut loss_watch = LossWatch::default();
         {
             let mut s = self.shared.status();
             s.total_steps = total;
@@ -101,11 +120,35 @@ impl Driver {
             self.shared.core().begin_round(step, leaves.len() as u32);
             self.shared.notify();
 
-            let Some(result) = self.wait_for_round(&shutdown).await? else {
-                return self.interrupt(state, pending_save).await;
+            let result = match self.wait_for_round(&shutdown).await? {
+                Round::Done(result) => result,
+                Round::Interrupted => return self.interrupt(state, pending_save).await,
+                Round::Diverged(why) => {
+                    let last = self.shared.status().last_loss;
+                    let loss = last.map_or("unknown".into(), |l| {
+                        format!("{} at the step before", shown_loss(l))
+                    });
+                    return self.diverged(step, &loss, &why, pending_save).await;
+                }
             };
-            state.apply(&result.sum, examples);
             let loss = result.loss_sum / f64::from(examples.max(1));
+            // A non-finite step fails the job; the state is not used (nor saved) again.
+            let grad_norm = match state.apply(&result.sum, examples, cfg.clip_grad_norm) {
+                Ok(norm) if loss.is_finite() => norm,
+                Ok(_) => {
+                    let why = "the loss is not finite";
+                    return self
+                        .diverged(step, &format!("{loss}"), why, pending_save)
+                        .await;
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    return self
+                        .diverged(step, &shown_loss(loss), &why, pending_save)
+                        .await;
+                }
+            };
+            loss_watch.step(loss);
             let elapsed = started.elapsed().as_secs_f64();
 
             let (epoch, pos) = schedule.locate(step);
@@ -125,9 +168,21 @@ impl Driver {
             } else {
                 None
             };
-            debug!(step = state.step, loss, "step done");
+            let warning = if validate {
+                loss_watch.evaluate()
+            } else {
+                None
+            };
+            debug!(step = state.step, loss, grad_norm, "step done");
             {
                 let mut s = self.shared.status();
+                if validate {
+                    if let Some(w) = warning.as_ref().filter(|_| s.warning.is_none()) {
+                        warn!(step = state.step, "{w}");
+                    }
+                    s.warning = warning;
+                }
+                s.last_grad_norm = Some(grad_norm);
                 s.step = state.step;
                 s.epoch = epoch;
                 s.examples_seen += u64::from(examples);
@@ -178,8 +233,31 @@ impl Driver {
         self.set_state(JobState::Checkpointing);
         self.save(&state).await;
         self.set_state(JobState::Finished);
-        self.finish().await;
+        self.finish("training finished");
         Ok(Outcome::Finished { test_accuracy })
+    }
+
+    /// Ends a job whose step `step` (0-based) could not be computed with finite numbers: state
+    /// FAILED with the reason, workers told to stop, an error for the exit code. No checkpoint
+    /// is written: every one already written holds finite parameters.
+    async fn diverged(
+        &self,
+        step: u64,
+        loss: &str,
+        detail: &str,
+        pending: Option<JoinHandle<()>>,
+    ) -> anyhow::Result<Outcome> {
+        let why = format!(
+            "diverged at step {} (loss {loss}); lower --lr or add --clip-grad-norm ({detail})",
+            step + 1
+        );
+        tracing::error!("{why}");
+        self.set_state(JobState::Failed(why.clone()));
+        if let Some(h) = pending {
+            let _ = h.await;
+        }
+        self.finish(&why);
+        anyhow::bail!(why)
     }
 
     /// Waits until `n` workers are live. False when shut down first; an error past the deadline.
@@ -216,6 +294,7 @@ impl Driver {
                 _ = tokio::time::sleep_until(deadline) => {
                     let why = format!("gave up after {:?}: only {live} of {n} workers live", self.worker_wait);
                     self.set_state(JobState::Failed(why.clone()));
+                    self.finish(&why);
                     anyhow::bail!(why);
                 }
                 _ = changed.changed() => {}
@@ -225,10 +304,7 @@ impl Driver {
     }
 
     /// Waits for the current round's gradients, declaring silent workers lost as it goes.
-    async fn wait_for_round(
-        &self,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<Option<crate::core::RoundResult>> {
+    async fn wait_for_round(&self, shutdown: &CancellationToken) -> anyhow::Result<Round> {
         let mut changed = self.shared.subscribe();
         let mut starved_since: Option<tokio::time::Instant> = None;
         loop {
@@ -241,10 +317,13 @@ impl Driver {
                         "worker lost (missed its heartbeat deadline); its shard goes to another worker"
                     );
                 }
+                if let Some(d) = core.divergence() {
+                    return Ok(Round::Diverged(d.reason.clone()));
+                }
                 (core.take_result(), core.live_workers())
             };
             if let Some(r) = result {
-                return Ok(Some(r));
+                return Ok(Round::Done(r));
             }
             // With no live worker the round cannot finish: wait for one, within the deadline.
             if live == 0 {
@@ -253,13 +332,14 @@ impl Driver {
                 if since.elapsed() > self.worker_wait {
                     let why = format!("no live worker for {:?}", self.worker_wait);
                     self.set_state(JobState::Failed(why.clone()));
+                    self.finish(&why);
                     anyhow::bail!(why);
                 }
             } else if starved_since.take().is_some() {
                 self.set_state(JobState::Running);
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(None),
+                _ = shutdown.cancelled() => return Ok(Round::Interrupted),
                 _ = changed.changed() => {}
                 _ = tokio::time::sleep(TICK) => {}
             }
@@ -317,17 +397,15 @@ impl Driver {
             let _ = h.await;
         }
         self.save(&state).await;
-        self.finish().await;
+        self.finish("the coordinator is shutting down");
         Ok(Outcome::Interrupted { step: state.step })
     }
 
-    /// Tells workers the job is over and gives them a moment to hear it.
-    async fn finish(&self) {
-        self.shared.core().finish();
+    /// Tells workers the job is over (they hear it while the server lingers, see `run`).
+    fn finish(&self, why: &str) {
+        self.shared.core().finish(why);
         self.shared.set_step_data(None);
         self.shared.notify();
-        // Workers long-poll GetWork; give the live ones one poll period to receive `shutdown`.
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
     fn set_state(&self, state: JobState) {

@@ -1,8 +1,8 @@
 //! The coordinator: a parameter server that shards MNIST batches over gRPC to workers, reduces
 //! their gradients, applies SGD, checkpoints to object storage and serves training status.
 //!
-//! [`run`] is the whole server, started by the thin `main` or by tests on a `127.0.0.1:0`
-//! listener; it returns when training ends or `shutdown` is cancelled (after a checkpoint).
+//! [`run`] is the whole server, started by the thin `main` on its listener; it returns when
+//! training ends (after `--linger`) or `shutdown` is cancelled (after a checkpoint).
 
 pub mod checkpoint;
 pub mod cli;
@@ -10,6 +10,7 @@ pub mod config;
 pub mod core;
 pub mod data;
 pub mod driver;
+pub mod loss_watch;
 pub mod metrics;
 pub mod service;
 pub mod state;
@@ -19,12 +20,17 @@ use crate::checkpoint::CheckpointStore;
 use crate::config::TrainArgs;
 use crate::core::{Core, CoreConfig};
 use crate::driver::{Driver, Outcome};
+use crate::service::TrainerService;
 use crate::state::{JobState, JobStatus, Shared};
+use crate::status::StatusService;
 use common::engine::{BackendKind, Engine};
 use common::train::TrainState;
+use proto::status_server::StatusServer;
+use proto::trainer_server::TrainerServer;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic_health::pb::health_server::HealthServer;
 use tracing::info;
 
 /// Runs a training job to its end, serving gRPC on `listener`.
@@ -62,6 +68,14 @@ pub async fn run(
             "resuming from checkpoint"
         );
         state = resumed;
+        if state.sgd.lr != cfg.lr {
+            info!(
+                from = state.sgd.lr,
+                to = cfg.lr,
+                "learning rate changed on resume"
+            );
+            state.sgd.lr = cfg.lr;
+        }
     }
 
     let heartbeat_timeout = args.heartbeat_timeout();
@@ -85,6 +99,8 @@ pub async fn run(
         gradient_bytes_received: 0,
         task_bytes_sent: 0,
         bad_inputs: 0,
+        warning: None,
+        last_grad_norm: None,
         last_checkpoint: None,
         checkpoint_error: None,
         history: Vec::new(),
@@ -99,11 +115,20 @@ pub async fn run(
         cfg.model,
         cfg.keep_prob,
         interval_ms,
+        args.max_node_grad_norm(),
     );
 
     let addr = listener.local_addr()?;
     let server_stop = CancellationToken::new();
-    let server = tokio::spawn(serve(shared.clone(), listener, server_stop.clone()));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<TrainerServer<TrainerService>>().await;
+    health.set_serving::<StatusServer<StatusService>>().await;
+    let server = tokio::spawn(serve(
+        shared.clone(),
+        health_service,
+        listener,
+        server_stop.clone(),
+    ));
     info!(%addr, "coordinator listening on {addr}");
     let metrics = if args.no_metrics {
         None
@@ -132,7 +157,24 @@ pub async fn run(
         min_workers: args.min_workers,
         worker_wait: args.worker_wait(),
     };
-    let outcome = driver.run(state, shutdown).await;
+    let outcome = driver.run(state, shutdown.clone()).await;
+    // The job is over: no more training (the overall status and Trainer say NOT_SERVING), but
+    // status stays readable while the server lingers.
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<TrainerServer<TrainerService>>()
+        .await;
+    if shutdown.is_cancelled() {
+        // Stopped by a signal: one long-poll period for the live workers to hear it.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    } else {
+        tokio::select! {
+            _ = tokio::time::sleep(args.linger()) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
     server_stop.cancel();
     let _ = server.await;
     if let Some(m) = metrics {
@@ -144,18 +186,10 @@ pub async fn run(
 /// Serves the Trainer and Status services, health and reflection until `stop`.
 async fn serve(
     shared: Arc<Shared>,
+    health: HealthServer<impl tonic_health::pb::health_server::Health>,
     listener: TcpListener,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    use proto::status_server::StatusServer;
-    use proto::trainer_server::TrainerServer;
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<TrainerServer<service::TrainerService>>()
-        .await;
-    health
-        .set_serving::<StatusServer<status::StatusService>>()
-        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -165,14 +199,14 @@ async fn serve(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .initial_stream_window_size(Some(proto::STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES))
-        .add_service(health_service)
+        .add_service(health)
         .add_service(reflection)
         .add_service(
-            TrainerServer::new(service::TrainerService::new(shared.clone()))
+            TrainerServer::new(TrainerService::new(shared.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .add_service(StatusServer::new(status::StatusService::new(shared)))
+        .add_service(StatusServer::new(StatusService::new(shared)))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             stop.cancelled_owned(),

@@ -2,18 +2,18 @@
 //! state machine, and maps refusals to gRPC status codes. Bad input is logged with its sender,
 //! counted in status, and never stops training.
 
-use crate::core::{Accepted, CoreError, Submission, WorkerInfo};
+use crate::core::{Accepted, CoreError, FailureKind, Submission, WorkerInfo};
 use crate::state::Shared;
 use common::tree::Node;
 use proto::trainer_server::Trainer;
 use proto::{
-    GetWorkRequest, GetWorkResponse, HeartbeatRequest, HeartbeatResponse, NodeRange,
-    RegisterRequest, RegisterResponse, Shutdown, SubmitRequest, SubmitResponse, Task, Wait,
-    get_work_response::Reply,
+    FailureReport, FailureResponse, GetWorkRequest, GetWorkResponse, HeartbeatRequest,
+    HeartbeatResponse, NodeRange, RegisterRequest, RegisterResponse, Shutdown, SubmitRequest,
+    SubmitResponse, Task, Wait, get_work_response::Reply,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 /// How long `GetWork` holds a request open before answering `wait`.
@@ -39,6 +39,17 @@ impl TrainerService {
         Status::invalid_argument(reason.to_string())
     }
 
+    /// Maps a refusal of the state machine to its gRPC status, counting bad input.
+    fn refuse(&self, worker: u64, peer: &str, e: CoreError) -> Status {
+        if e.is_bad_input() {
+            let status = core_status(e.clone());
+            let _ = self.bad_input(worker, peer, &e.to_string());
+            status
+        } else {
+            core_status(e)
+        }
+    }
+
     /// Refuses a call from a worker registered with an earlier coordinator process: its id may
     /// belong to another worker now.
     fn check_incarnation(&self, worker: u64, incarnation: u64) -> Result<(), Status> {
@@ -55,7 +66,7 @@ fn core_status(e: CoreError) -> Status {
     match e {
         CoreError::UnknownWorker(_) => Status::not_found(e.to_string()),
         CoreError::Quarantined(_) => Status::permission_denied(e.to_string()),
-        CoreError::StaleStep { .. } => Status::failed_precondition(e.to_string()),
+        CoreError::StaleStep { .. } => Status::aborted(e.to_string()),
         CoreError::Duplicate(_) => Status::already_exists(e.to_string()),
         CoreError::UnknownTask(_)
         | CoreError::NotYourTask { .. }
@@ -152,9 +163,9 @@ impl Trainer for TrainerService {
             changed.borrow_and_update();
             let assignment = {
                 let mut core = self.shared.core();
-                if core.is_finished() {
+                if let Some(why) = core.finished() {
                     return Ok(reply(Reply::Shutdown(Shutdown {
-                        reason: "training finished".into(),
+                        reason: why.to_string(),
                     })));
                 }
                 core.next_task(id, Instant::now()).map_err(core_status)?
@@ -206,37 +217,93 @@ impl Trainer for TrainerService {
 
     async fn submit_gradients(
         &self,
-        req: Request<SubmitRequest>,
+        req: Request<Streaming<SubmitRequest>>,
     ) -> Result<Response<SubmitResponse>, Status> {
         let address = peer(&req);
-        let r = req.into_inner();
-        let worker = r.worker_id;
-        self.check_incarnation(worker, r.incarnation)?;
+        let mut parts = req.into_inner();
+        let Some(first) = parts.message().await? else {
+            return Err(Status::invalid_argument("empty submission"));
+        };
+        let header = (
+            first.worker_id,
+            first.incarnation,
+            first.task_id,
+            first.step,
+        );
+        let (worker, incarnation, task_id, step) = header;
+        self.check_incarnation(worker, incarnation)?;
+        // The cheap checks (sender, step, task) before any gradient is decoded.
+        // (The core's lock is released before `refuse`, which takes it again.)
+        let expected = self
+            .shared
+            .core()
+            .expected_nodes(worker, task_id, step, Instant::now());
+        let expected = expected.map_err(|e| self.refuse(worker, &address, e))?;
+        let leaves = self
+            .shared
+            .step_data()
+            .filter(|d| d.step == step)
+            .map(|d| d.leaves.clone())
+            .unwrap_or_default();
         let n = self.shared.param_count;
-        let mut nodes = Vec::with_capacity(r.nodes.len());
+        let mut nodes = Vec::with_capacity(expected.len());
         let (mut loss_sum, mut bytes) = (0.0, 0u64);
-        for g in r.nodes {
-            let Some(range) = g.node else {
-                return Err(self.bad_input(worker, &address, "gradient without its tree node"));
-            };
-            let values = proto::decode_f32(&g.gradient, n).map_err(|e| {
-                self.bad_input(
+        let mut part = Some(first);
+        while let Some(p) = part {
+            if (p.worker_id, p.incarnation, p.task_id, p.step) != header {
+                return Err(self.bad_input(
                     worker,
                     &address,
-                    &format!("gradient of the wrong length: {e}"),
-                )
-            })?;
-            if values.iter().any(|v| !v.is_finite()) || !g.loss_sum.is_finite() {
-                return Err(self.bad_input(worker, &address, "gradient contains NaN or Inf"));
+                    "the parts of one submission name different tasks",
+                ));
             }
-            bytes += g.gradient.len() as u64;
-            loss_sum += g.loss_sum;
-            nodes.push((Node::new(range.lo, range.hi), values));
+            for g in p.nodes {
+                let Some(range) = g.node else {
+                    return Err(self.bad_input(worker, &address, "gradient without its tree node"));
+                };
+                let node = Node::new(range.lo, range.hi);
+                if expected.get(nodes.len()) != Some(&node) {
+                    let mut got: Vec<Node> = nodes.iter().map(|(n, _)| *n).collect();
+                    got.push(node);
+                    let e = CoreError::WrongNodes {
+                        got,
+                        want: expected.clone(),
+                    };
+                    return Err(self.refuse(worker, &address, e));
+                }
+                let values = proto::decode_f32(&g.gradient, n).map_err(|e| {
+                    self.bad_input(
+                        worker,
+                        &address,
+                        &format!("gradient of the wrong length: {e}"),
+                    )
+                })?;
+                let examples = leaves
+                    .get(node.lo as usize..node.hi as usize)
+                    .map_or(1, |l| l.iter().map(|r| r.len()).sum::<usize>());
+                if let Err(why) = check_gradient(
+                    &values,
+                    g.loss_sum,
+                    examples,
+                    self.shared.max_node_grad_norm,
+                ) {
+                    if why.over_bound {
+                        // Honest workers of a diverging model send such gradients too.
+                        self.shared.core().numeric_trouble(worker, step, &why.text);
+                        self.shared.notify();
+                    }
+                    return Err(self.bad_input(worker, &address, &why.text));
+                }
+                bytes += g.gradient.len() as u64;
+                loss_sum += g.loss_sum;
+                nodes.push((node, values));
+            }
+            part = parts.message().await?;
         }
         let sub = Submission {
             worker,
-            task_id: r.task_id,
-            step: r.step,
+            task_id,
+            step,
             nodes,
             loss_sum,
         };
@@ -249,13 +316,79 @@ impl Trainer for TrainerService {
                     accepted: accepted == Accepted::Used,
                 }))
             }
-            Err(e) if e.is_bad_input() => Err({
-                let status = core_status(e.clone());
-                let _ = self.bad_input(worker, &address, &e.to_string());
-                status
-            }),
-            Err(e) => Err(core_status(e)),
+            Err(e) => Err(self.refuse(worker, &address, e)),
         }
+    }
+
+    async fn report_failure(
+        &self,
+        req: Request<FailureReport>,
+    ) -> Result<Response<FailureResponse>, Status> {
+        let address = peer(&req);
+        let r = req.into_inner();
+        let worker = r.worker_id;
+        self.check_incarnation(worker, r.incarnation)?;
+        let kind = match proto::FailureKind::try_from(r.kind) {
+            Ok(proto::FailureKind::Compute) => FailureKind::Compute,
+            Ok(proto::FailureKind::NonFinite) => FailureKind::NonFinite,
+            Ok(proto::FailureKind::BadTask) => FailureKind::BadTask,
+            _ => return Err(self.bad_input(worker, &address, "failure report of no known kind")),
+        };
+        // A report is the worker's word; keep what it may cost us (log, status) bounded.
+        let reason: String = r.reason.chars().take(MAX_REASON_CHARS).collect();
+        warn!(
+            worker,
+            peer = address,
+            step = r.step,
+            task = r.task_id,
+            ?kind,
+            reason,
+            "worker could not compute its shard; handing it out again"
+        );
+        let failed =
+            self.shared
+                .core()
+                .fail_task(worker, r.task_id, r.step, kind, &reason, Instant::now());
+        failed.map_err(|e| self.refuse(worker, &address, e))?;
+        self.shared.notify();
+        Ok(Response::new(FailureResponse {}))
+    }
+}
+
+/// The longest failure reason kept from a worker's report.
+const MAX_REASON_CHARS: usize = 500;
+
+/// Why a node's gradient cannot be used.
+struct Unusable {
+    text: String,
+    /// Finite, but over `--max-node-grad-norm`.
+    over_bound: bool,
+}
+
+/// Checks a node's gradient: no NaN or infinite value (or loss), and an L2 norm per example
+/// within `bound` (`--max-node-grad-norm`). One pass over the values.
+fn check_gradient(
+    values: &[f32],
+    loss_sum: f64,
+    examples: usize,
+    bound: Option<f64>,
+) -> Result<(), Unusable> {
+    let norm = common::sgd::l2_norm(values);
+    if !norm.is_finite() || !loss_sum.is_finite() {
+        return Err(Unusable {
+            text: "gradient contains NaN or Inf".into(),
+            over_bound: false,
+        });
+    }
+    let per_example = norm / examples.max(1) as f64;
+    match bound {
+        Some(b) if per_example > b => Err(Unusable {
+            text: format!(
+                "gradient norm {per_example:.3e} per example is over the bound {b:e} (--max-node-grad-norm)"
+            ),
+            over_bound: true,
+        }),
+        _ => Ok(()),
     }
 }
 

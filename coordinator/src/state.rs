@@ -55,6 +55,10 @@ pub struct JobStatus {
     pub gradient_bytes_received: u64,
     pub task_bytes_sent: u64,
     pub bad_inputs: u64,
+    /// A warning about the job's health (a loss blow-up), shown until it clears.
+    pub warning: Option<String>,
+    /// L2 norm of the last step's mean gradient, before clipping.
+    pub last_grad_norm: Option<f64>,
     pub last_checkpoint: Option<String>,
     pub checkpoint_error: Option<String>,
     pub history: Vec<HistoryPoint>,
@@ -72,6 +76,8 @@ pub struct Shared {
     pub model: common::model::ModelSpec,
     pub keep_prob: f32,
     pub heartbeat_interval_ms: u32,
+    /// `--max-node-grad-norm`: the largest L2 norm per example of a node's gradient taken.
+    pub max_node_grad_norm: Option<f64>,
     /// This process's identity for workers (see `RegisterResponse.incarnation`): random, never 0.
     pub incarnation: u64,
 }
@@ -90,6 +96,7 @@ impl Shared {
         model: common::model::ModelSpec,
         keep_prob: f32,
         heartbeat_interval_ms: u32,
+        max_node_grad_norm: Option<f64>,
     ) -> Arc<Self> {
         Arc::new(Shared {
             core: Mutex::new(core),
@@ -100,6 +107,7 @@ impl Shared {
             model,
             keep_prob,
             heartbeat_interval_ms,
+            max_node_grad_norm,
             incarnation: rand::random::<u64>() | 1,
         })
     }

@@ -2,7 +2,6 @@
 //! (one per change, rate-limited, ending when the job ends or the client goes away), and the
 //! loss/accuracy history for plotting.
 
-use crate::core::WorkerState;
 use crate::state::{JobState, Shared};
 use proto::status_server::Status as StatusApi;
 use proto::{
@@ -49,13 +48,11 @@ pub fn snapshot(shared: &Shared) -> StatusReply {
                 name: w.info.name.clone(),
                 bad_inputs: w.bad_inputs,
                 last_bad_input: w.last_bad_input.clone().unwrap_or_default(),
+                shard_failures: w.shard_failures,
+                last_failure: w.last_failure.clone().unwrap_or_default(),
             })
             .collect();
-        let live = core
-            .workers()
-            .filter(|w| w.state == WorkerState::Live)
-            .count();
-        (workers, live as u64)
+        (workers, core.live_workers() as u64)
     };
     let s = shared.status();
     let (state, reason) = match &s.state {
@@ -99,6 +96,8 @@ pub fn snapshot(shared: &Shared) -> StatusReply {
         bytes_sent: s.task_bytes_sent,
         bytes_received: s.gradient_bytes_received,
         bad_inputs: s.bad_inputs,
+        warning: s.warning.clone().unwrap_or_default(),
+        last_grad_norm: s.last_grad_norm.unwrap_or(0.0),
     }
 }
 

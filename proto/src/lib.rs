@@ -13,13 +13,31 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dtra
 
 /// Bumped on any incompatible change of the contract. A worker whose version differs is refused
 /// at registration with `FAILED_PRECONDITION`.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest gRPC message either side accepts or sends: 64 MiB. A task carries one parameter
-/// vector (13.1 MB for the seed convnet) plus at most a batch of images; a submission carries one
-/// gradient per reduction-tree node of its shard (at most 2 for the default 4 leaves per batch).
-/// Anything larger is refused by tonic with `RESOURCE_EXHAUSTED` before it is buffered whole.
+/// vector (13.1 MB for the seed convnet) plus at most a batch of images (785 bytes each); a
+/// submission streams one message per reduction-tree node, each one gradient vector. The
+/// coordinator checks both sizes for its job at start ([`largest_task_bytes`],
+/// [`largest_submission_part_bytes`]). Anything larger is
+/// refused by tonic with `OUT_OF_RANGE` before it is buffered whole.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Protobuf framing around the tensors of one message (tags, lengths, the header fields), and
+/// per leaf or node (its size or range), generously counted.
+const FRAMING_BYTES: usize = 1024;
+const FRAMING_BYTES_PER_LEAF: usize = 16;
+
+/// An upper bound of the encoded size of a task for a model of `params` parameters whose shard
+/// holds `images` images in `leaves` micro-batches (a whole batch at worst).
+pub fn largest_task_bytes(params: usize, images: usize, leaves: usize) -> usize {
+    params * 4 + images * (784 + 1) + leaves * 2 * FRAMING_BYTES_PER_LEAF + FRAMING_BYTES
+}
+
+/// An upper bound of the encoded size of one message of a submission: one node's gradient.
+pub fn largest_submission_part_bytes(params: usize) -> usize {
+    params * 4 + FRAMING_BYTES
+}
 
 /// HTTP/2 flow-control windows for the channels that carry tensors. The defaults (64 KiB) make a
 /// 13 MB message wait for hundreds of window updates; a window larger than one message lets it

@@ -206,14 +206,19 @@ impl Drop for Proc {
     }
 }
 
-/// A coordinator's command line on 127.0.0.1:0 (gRPC and metrics) with the shared MNIST, then
-/// `extra`.
+/// A coordinator's command line on 127.0.0.1:0 (gRPC and metrics) with the shared MNIST and a
+/// short `--linger`, then `extra`.
 pub fn coordinator_args(extra: &[impl AsRef<str>]) -> Vec<String> {
     // `--listen` may be given in `extra` (a fixed port); clap refuses it twice.
-    let own_listen = extra.iter().any(|a| a.as_ref() == "--listen");
+    let given = |flag: &str| extra.iter().any(|a| a.as_ref() == flag);
     let mut all: Vec<String> = Vec::new();
-    if !own_listen {
+    if !given("--listen") {
         all.extend(["--listen".to_string(), "127.0.0.1:0".into()]);
+    }
+    // Tests read the outcome from the log and the exit code; a test that reads status after
+    // the end gives its own --linger.
+    if !given("--linger") {
+        all.extend(["--linger".to_string(), "0.5".into()]);
     }
     all.extend([
         "--metrics-listen".to_string(),

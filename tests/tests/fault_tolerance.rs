@@ -245,8 +245,12 @@ fn answer(me: &RegisterResponse, task: &proto::Task, gradient: &[f32]) -> Submit
                 loss_sum: 1.0,
             })
             .collect(),
-        compute_ms: 1,
     }
+}
+
+/// A submission as one streamed message.
+fn one(req: SubmitRequest) -> impl tonic::IntoStreamingRequest<Message = SubmitRequest> {
+    tokio_stream::once(req)
 }
 
 /// Sends `bytes` on a fresh connection to `addr`; returns once the server has closed it.
@@ -277,7 +281,7 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     let (mut c, url) = coordinator(
         &dir,
         2,
-        &["--heartbeat-timeout", "3", "--max-bad-inputs", "6"],
+        &["--heartbeat-timeout", "3", "--max-bad-inputs", "7"],
     );
 
     let mut client = TrainerClient::connect(url.clone())
@@ -360,7 +364,7 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
         &mut refused,
         "gradient of the wrong length",
         client
-            .submit_gradients(answer(&reg, &task, &zeros[1..]))
+            .submit_gradients(one(answer(&reg, &task, &zeros[1..])))
             .await,
         Code::InvalidArgument,
     );
@@ -369,7 +373,9 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     expect(
         &mut refused,
         "NaN in the gradient",
-        client.submit_gradients(answer(&reg, &task, &nan)).await,
+        client
+            .submit_gradients(one(answer(&reg, &task, &nan)))
+            .await,
         Code::InvalidArgument,
     );
     let mut inf = zeros.clone();
@@ -377,7 +383,27 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     expect(
         &mut refused,
         "Inf in the gradient",
-        client.submit_gradients(answer(&reg, &task, &inf)).await,
+        client
+            .submit_gradients(one(answer(&reg, &task, &inf)))
+            .await,
+        Code::InvalidArgument,
+    );
+    // Finite, but with a norm far over --max-node-grad-norm (1e6 per example by default).
+    let mut poisoned = zeros.clone();
+    poisoned[n / 3] = 1e30;
+    let refusal = client
+        .submit_gradients(one(answer(&reg, &task, &poisoned)))
+        .await;
+    assert!(
+        refusal
+            .as_ref()
+            .is_err_and(|e| e.message().contains("--max-node-grad-norm")),
+        "{refusal:?}"
+    );
+    expect(
+        &mut refused,
+        "finite gradient with a norm over the bound",
+        refusal,
         Code::InvalidArgument,
     );
     let mut stale = answer(&reg, &task, &zeros);
@@ -385,15 +411,15 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     expect(
         &mut refused,
         "stale or unknown step",
-        client.submit_gradients(stale).await,
-        Code::FailedPrecondition,
+        client.submit_gradients(one(stale)).await,
+        Code::Aborted,
     );
     let mut unknown_task = answer(&reg, &task, &zeros);
     unknown_task.task_id += 1_000_000;
     expect(
         &mut refused,
         "unknown task",
-        client.submit_gradients(unknown_task).await,
+        client.submit_gradients(one(unknown_task)).await,
         Code::InvalidArgument,
     );
     let mut wrong_nodes = answer(&reg, &task, &zeros);
@@ -401,7 +427,7 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     expect(
         &mut refused,
         "gradient for other tree nodes",
-        client.submit_gradients(wrong_nodes).await,
+        client.submit_gradients(one(wrong_nodes)).await,
         Code::InvalidArgument,
     );
     let mut impostor = answer(&reg, &task, &zeros);
@@ -409,20 +435,22 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     expect(
         &mut refused,
         "answer from an unknown worker id",
-        client.submit_gradients(impostor).await,
+        client.submit_gradients(one(impostor)).await,
         Code::NotFound,
     );
     // A well-formed answer is taken...
     let taken = client
-        .submit_gradients(answer(&reg, &task, &zeros))
+        .submit_gradients(one(answer(&reg, &task, &zeros)))
         .await
         .unwrap();
     assert!(taken.into_inner().accepted);
-    // ...once: the sixth bad submission quarantines the sender.
+    // ...once: the seventh bad submission quarantines the sender.
     expect(
         &mut refused,
         "duplicate answer",
-        client.submit_gradients(answer(&reg, &task, &zeros)).await,
+        client
+            .submit_gradients(one(answer(&reg, &task, &zeros)))
+            .await,
         Code::AlreadyExists,
     );
     expect(
@@ -442,7 +470,7 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     expect(
         &mut refused,
         "oversized message",
-        client.submit_gradients(huge).await,
+        client.submit_gradients(one(huge)).await,
         Code::OutOfRange,
     );
 
@@ -459,12 +487,12 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     let s = get_status(&url).await.unwrap();
     let hostile = s.workers.iter().find(|w| w.id == me).unwrap();
     assert_eq!(hostile.state, "quarantined", "{hostile:?}");
-    assert_eq!(hostile.bad_inputs, 6, "{hostile:?}");
+    assert_eq!(hostile.bad_inputs, 7, "{hostile:?}");
     assert!(
         hostile.last_bad_input.contains("already answered"),
         "{hostile:?}"
     );
-    assert!(s.bad_inputs >= 6, "{s:?}");
+    assert!(s.bad_inputs >= 7, "{s:?}");
     let log = c.log_text();
     assert!(
         log.lines()
@@ -477,6 +505,6 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     let status = c.wait_exit(Duration::from_secs(600)).unwrap();
     assert!(status.success(), "{}\n{}", c.tail(), w0.tail());
     assert_eq!(steps_done(&c.log_text()), (1..=STEPS).collect::<Vec<_>>());
-    assert_eq!(refused.len(), 15, "{refused:?}");
+    assert_eq!(refused.len(), 16, "{refused:?}");
     println!("refused {} kinds of bad input: {refused:#?}", refused.len());
 }

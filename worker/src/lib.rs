@@ -13,7 +13,8 @@ use common::tree::Node;
 use proto::get_work_response::Reply;
 use proto::trainer_client::TrainerClient;
 use proto::{
-    GetWorkRequest, HeartbeatRequest, NodeGradient, NodeRange, RegisterRequest, SubmitRequest, Task,
+    FailureKind, FailureReport, GetWorkRequest, HeartbeatRequest, NodeGradient, NodeRange,
+    RegisterRequest, SubmitRequest, Task,
 };
 use rand::Rng;
 use std::time::{Duration, Instant};
@@ -66,9 +67,16 @@ pub struct Args {
     /// MNIST directory, for --local-steps.
     #[arg(long, env = "WORKER_DATA_DIR", default_value = "./data/mnist")]
     pub data_dir: std::path::PathBuf,
+    /// Stop after failing this many shards in a row on this device (each failure is reported
+    /// to the coordinator, which hands the shard to another worker).
+    #[arg(long, env = "WORKER_MAX_SHARD_FAILURES", default_value_t = 3)]
+    pub max_shard_failures: u32,
     /// Speaks this protocol version (for testing version checks).
     #[arg(long, hide = true, default_value_t = proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,
+    /// Fails the first N shards as a broken device would (for testing failure reports).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub inject_shard_failures: u32,
 }
 
 impl Args {
@@ -88,6 +96,9 @@ impl Args {
         }
         if let Some(m) = &self.model {
             m.parse::<ModelKind>().map_err(|e| e.to_string())?;
+        }
+        if self.max_shard_failures == 0 {
+            return Err("--max-shard-failures must be at least 1".into());
         }
         if !(self.connect_timeout > 0.0 && self.reconnect_timeout > 0.0) {
             return Err("--connect-timeout and --reconnect-timeout must be positive".into());
@@ -113,6 +124,25 @@ pub enum WorkerError {
     Compute(#[from] common::Error),
     #[error("bad task from the coordinator: {0}")]
     BadTask(String),
+    #[error("the loss or gradient of {0} is NaN or infinite")]
+    NonFinite(String),
+    #[error("this worker failed {failures} shards in a row on {device}; stopping (last: {last})")]
+    Sick {
+        failures: u32,
+        device: String,
+        last: String,
+    },
+}
+
+impl WorkerError {
+    /// How a failure to compute a task is reported to the coordinator.
+    fn kind(&self) -> FailureKind {
+        match self {
+            WorkerError::BadTask(_) => FailureKind::BadTask,
+            WorkerError::NonFinite(_) => FailureKind::NonFinite,
+            _ => FailureKind::Compute,
+        }
+    }
 }
 
 /// Trains `steps` steps of the default job in this process (`--local-steps`); returns images/s
@@ -162,6 +192,12 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), WorkerEr
     let name = args.name.clone().unwrap_or_else(default_name);
     let mut engine: Option<Engine> = None;
     let mut patience = Duration::from_secs_f64(args.connect_timeout);
+    let mut health = Health {
+        device: format!("{}/{}", args.backend, args.device),
+        in_a_row: 0,
+        max_in_a_row: args.max_shard_failures,
+        to_inject: args.inject_shard_failures,
+    };
 
     loop {
         // (Re-)register, retrying while the coordinator is away.
@@ -210,19 +246,55 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), WorkerEr
             Duration::from_millis(u64::from(reg.heartbeat_interval_ms.max(50))),
             session.clone(),
         ));
-        let outcome = work(&mut client, me, &engine, &shutdown).await;
+        let outcome = work(&mut client, me, &engine, &mut health, &shutdown).await;
         session.cancel();
         let _ = beat.await;
         match outcome {
             Ok(()) => return Ok(()),
-            Err(status) if is_refusal(status.code()) => {
+            Err(Stop::Sick(e)) => return Err(e),
+            Err(Stop::Call(status)) if is_refusal(status.code()) => {
                 return Err(WorkerError::Refused(status.message().to_string()));
             }
             // The coordinator forgot us (it restarted) or went away: register again.
-            Err(status) => {
+            Err(Stop::Call(status)) => {
                 warn!(worker = me.id, code = ?status.code(), error = %status.message(), "lost the coordinator; re-registering");
             }
         }
+    }
+}
+
+/// Why the work loop stopped.
+enum Stop {
+    /// A call failed: a refusal for good, or a coordinator gone or restarted.
+    Call(Status),
+    /// Too many shards failed in a row on this device.
+    Sick(WorkerError),
+}
+
+impl From<Status> for Stop {
+    fn from(s: Status) -> Self {
+        Stop::Call(s)
+    }
+}
+
+/// This worker's own record of shards it could not compute.
+struct Health {
+    device: String,
+    in_a_row: u32,
+    max_in_a_row: u32,
+    /// Shards still to fail on purpose (`--inject-shard-failures`).
+    to_inject: u32,
+}
+
+impl Health {
+    /// Records a failed shard; the error to stop with once too many failed in a row.
+    fn failed(&mut self, e: &WorkerError) -> Option<WorkerError> {
+        self.in_a_row += 1;
+        (self.in_a_row >= self.max_in_a_row).then(|| WorkerError::Sick {
+            failures: self.in_a_row,
+            device: self.device.clone(),
+            last: e.to_string(),
+        })
     }
 }
 
@@ -233,13 +305,15 @@ struct Me {
     incarnation: u64,
 }
 
-/// Pulls and computes shards until the job ends (Ok) or a call fails (Err).
+/// Pulls and computes shards until the job ends (Ok), a call fails, or the device fails too
+/// many shards in a row.
 async fn work(
     client: &mut TrainerClient<Channel>,
     me: Me,
     engine: &Engine,
+    health: &mut Health,
     shutdown: &CancellationToken,
-) -> Result<(), Status> {
+) -> Result<(), Stop> {
     loop {
         let reply = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -248,45 +322,89 @@ async fn work(
                 incarnation: me.incarnation,
             }) => r?.into_inner().reply,
         };
-        match reply {
-            Some(Reply::Task(task)) => {
-                let step = task.step;
-                let task_id = task.task_id;
-                let started = Instant::now();
-                let e = engine.clone();
-                let nodes = tokio::task::spawn_blocking(move || compute(&e, &task))
-                    .await
-                    .map_err(|e| Status::internal(e.to_string()))?
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
-                let compute_ms = started.elapsed().as_millis() as u32;
-                let res = client
-                    .submit_gradients(SubmitRequest {
-                        worker_id: me.id,
-                        incarnation: me.incarnation,
-                        task_id,
-                        step,
-                        nodes,
-                        compute_ms,
-                    })
-                    .await;
-                match res {
-                    Ok(r) if !r.get_ref().accepted => {
-                        info!(step, "another copy of this shard answered first")
-                    }
-                    Ok(_) => {}
-                    // The step moved on without us (we were declared lost): just ask again.
-                    Err(s) if s.code() == Code::FailedPrecondition => {
-                        warn!(step, error = %s.message(), "stale answer dropped")
-                    }
-                    Err(s) => return Err(s),
-                }
-            }
-            Some(Reply::Wait(_)) | None => {}
+        let task = match reply {
+            Some(Reply::Task(task)) => task,
+            Some(Reply::Wait(_)) | None => continue,
             Some(Reply::Shutdown(s)) => {
                 info!(reason = s.reason, "job over; exiting");
                 return Ok(());
             }
+        };
+        let (step, task_id) = (task.step, task.task_id);
+        let inject = health.to_inject > 0;
+        health.to_inject = health.to_inject.saturating_sub(1);
+        let e = engine.clone();
+        let computed = tokio::task::spawn_blocking(move || {
+            if inject {
+                return Err(WorkerError::Compute(common::Error::Tensor(
+                    "injected device failure (--inject-shard-failures)".into(),
+                )));
+            }
+            compute(&e, &task)
+        })
+        .await
+        .unwrap_or_else(|panic| {
+            Err(WorkerError::Compute(common::Error::Tensor(format!(
+                "the engine panicked: {panic}"
+            ))))
+        });
+        let nodes = match computed {
+            Ok(nodes) => nodes,
+            Err(err) => {
+                warn!(step, error = %err, "could not compute this shard; reporting it");
+                client
+                    .report_failure(FailureReport {
+                        worker_id: me.id,
+                        incarnation: me.incarnation,
+                        task_id,
+                        step,
+                        kind: err.kind() as i32,
+                        reason: err.to_string(),
+                    })
+                    .await
+                    .map(|_| ())
+                    .or_else(ignore_races)?;
+                match health.failed(&err) {
+                    Some(sick) => return Err(Stop::Sick(sick)),
+                    None => continue,
+                }
+            }
+        };
+        health.in_a_row = 0;
+        // One message per tree node, so no submission nears the message size bound.
+        let parts: Vec<SubmitRequest> = nodes
+            .into_iter()
+            .map(|node| SubmitRequest {
+                worker_id: me.id,
+                incarnation: me.incarnation,
+                task_id,
+                step,
+                nodes: vec![node],
+            })
+            .collect();
+        match client.submit_gradients(tokio_stream::iter(parts)).await {
+            Ok(r) if !r.get_ref().accepted => {
+                info!(step, "another copy of this shard answered first")
+            }
+            Ok(_) => {}
+            // The coordinator refused this answer (counted against us; a quarantine follows
+            // if it keeps happening): drop it and go on.
+            Err(s) if matches!(s.code(), Code::InvalidArgument | Code::AlreadyExists) => {
+                warn!(step, error = %s.message(), "the coordinator refused this answer")
+            }
+            Err(s) => ignore_races(s)?,
         }
+    }
+}
+
+/// Swallows the answer to a call about a step that is already over (we were declared lost and
+/// the step moved on): just ask for work again.
+fn ignore_races(s: Status) -> Result<(), Status> {
+    if s.code() == Code::Aborted {
+        warn!(error = %s.message(), "stale answer dropped");
+        Ok(())
+    } else {
+        Err(s)
     }
 }
 
@@ -332,6 +450,14 @@ pub fn compute(engine: &Engine, task: &Task) -> Result<Vec<NodeGradient>, Worker
     let sums =
         common::train::node_sums(first, grads.into_iter().map(|g| g.values).collect(), &nodes)
             .ok_or_else(|| bad("nodes do not tile the leaves".into()))?;
+    let finite = losses.iter().all(|l| l.is_finite())
+        && sums.iter().all(|s| s.iter().all(|v| v.is_finite()));
+    if !finite {
+        return Err(WorkerError::NonFinite(format!(
+            "step {} leaves {first}..{last}",
+            task.step + 1
+        )));
+    }
     Ok(nodes
         .iter()
         .zip(sums)
@@ -374,15 +500,15 @@ async fn heartbeats(
 }
 
 /// Whether the coordinator turned this worker down for good: an incompatible worker, a
-/// quarantine, a gradient it will never accept. Everything else is "try again": a coordinator
-/// killed mid-call reaches tonic as Unavailable, Unknown, Internal (a broken pipe, an h2 reset),
-/// Cancelled or DeadlineExceeded depending on the moment, and NotFound means a restarted
-/// coordinator does not know this worker yet.
+/// quarantine, a message over the bound. A refused answer (INVALID_ARGUMENT) is not: the work
+/// loop drops it and goes on. Everything else is "try again": a coordinator killed mid-call
+/// reaches tonic as Unavailable, Unknown, Internal (a broken pipe, an h2 reset), Cancelled or
+/// DeadlineExceeded depending on the moment, and NotFound means a restarted coordinator does not
+/// know this worker yet.
 fn is_refusal(code: Code) -> bool {
     matches!(
         code,
-        Code::InvalidArgument
-            | Code::FailedPrecondition
+        Code::FailedPrecondition
             | Code::PermissionDenied
             | Code::OutOfRange
             | Code::Unimplemented
