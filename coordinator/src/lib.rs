@@ -70,8 +70,8 @@ pub async fn run(
         state = resumed;
         if state.sgd.lr != cfg.lr {
             info!(
-                from = state.sgd.lr,
-                to = cfg.lr,
+                from = %state.sgd.lr,
+                to = %cfg.lr,
                 "learning rate changed on resume"
             );
             state.sgd.lr = cfg.lr;

@@ -277,7 +277,8 @@ fn a_checkpoint_of_another_model_or_config_is_refused_with_a_clear_message() {
     run_job(&dir, 1, &base, Duration::from_secs(300)).unwrap();
     for (name, extra) in [
         ("model", ["--model", "inception"]),
-        ("lr", ["--lr", "0.01"]),
+        // (The learning rate and clipping may change on resume; the rest may not.)
+        ("momentum", ["--momentum", "0.5"]),
     ] {
         let mut args = base.clone();
         args.extend(extra.map(String::from));
@@ -292,6 +293,14 @@ fn a_checkpoint_of_another_model_or_config_is_refused_with_a_clear_message() {
         );
         assert!(c.log_text().contains("--fresh"), "{}", c.tail());
     }
+    // A lower learning rate is the remedy for a diverged job: it resumes.
+    let mut args = base.clone();
+    args.extend(["--lr", "0.01"].map(String::from));
+    let mut c = Proc::start("coordinator", "lr", &dir, &coordinator_args(&args)).unwrap();
+    let line = c
+        .wait_for_line("learning rate changed on resume", Duration::from_secs(60))
+        .unwrap();
+    assert!(line.contains("from=0.05 to=0.01"), "{line}");
 }
 
 #[test]
