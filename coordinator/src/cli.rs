@@ -139,7 +139,7 @@ pub fn status_json(r: &StatusReply) -> serde_json::Value {
         "last_grad_norm": r.last_grad_norm,
         "workers": r.workers.iter().map(|w| serde_json::json!({
             "id": w.id, "name": w.name, "address": w.address, "backend": w.backend,
-            "device": w.device, "state": w.state,
+            "device": w.device, "threads": w.threads, "state": w.state,
             "last_heartbeat_secs_ago": w.last_heartbeat_secs_ago,
             "steps_done": w.steps_done, "mean_step_ms": w.mean_step_ms, "failures": w.failures,
             "bad_inputs": w.bad_inputs, "last_bad_input": w.last_bad_input,
@@ -184,8 +184,8 @@ fn status_text(r: &StatusReply) -> String {
     }
     for w in &r.workers {
         out.push_str(&format!(
-            "  worker {} {} {} {}/{} {} | heard {:.1}s ago | {} shards, {:.0} ms each | {} failures\n",
-            w.id, w.name, w.address, w.backend, w.device, w.state, w.last_heartbeat_secs_ago, w.steps_done, w.mean_step_ms, w.failures
+            "  worker {} {} {} {}/{} x{} threads {} | heard {:.1}s ago | {} shards, {:.0} ms each | {} failures\n",
+            w.id, w.name, w.address, w.backend, w.device, w.threads, w.state, w.last_heartbeat_secs_ago, w.steps_done, w.mean_step_ms, w.failures
         ));
         if w.bad_inputs > 0 {
             out.push_str(&format!(

@@ -243,7 +243,6 @@ pub struct JobConfig {
     pub eval_every: u64,
     pub validation_size: usize,
     pub test_size: usize,
-    pub preset: Preset,
 }
 
 impl TrainArgs {
@@ -274,7 +273,6 @@ impl TrainArgs {
                 common::mnist::VALIDATION
             }),
             test_size: self.test_size.unwrap_or(if lecture { 256 } else { 10_000 }),
-            preset: self.preset,
         }
     }
 

@@ -50,6 +50,7 @@ pub fn snapshot(shared: &Shared) -> StatusReply {
                 last_bad_input: w.last_bad_input.clone().unwrap_or_default(),
                 shard_failures: w.shard_failures,
                 last_failure: w.last_failure.clone().unwrap_or_default(),
+                threads: w.info.threads,
             })
             .collect();
         (workers, core.live_workers() as u64)

@@ -113,6 +113,10 @@ async fn status_follows_a_job_from_waiting_to_finished() {
         services.contains(&"dtrain.v1.Status".to_string()),
         "{services:?}"
     );
+    let older = list_services_v1alpha(&url).await;
+    for name in ["dtrain.v1.Status", "dtrain.v1.Trainer"] {
+        assert!(older.contains(&name.to_string()), "{older:?}");
+    }
     assert!(
         services.contains(&"dtrain.v1.Trainer".to_string()),
         "{services:?}"
@@ -234,6 +238,35 @@ async fn list_services(url: &str) -> Vec<String> {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut client = ServerReflectionClient::new(channel(url).await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    match stream
+        .message()
+        .await
+        .unwrap()
+        .and_then(|r| r.message_response)
+    {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+/// The same question in reflection's older version, the one grpcurl and grpcio-reflection speak.
+async fn list_services_v1alpha(url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
     let mut client = ServerReflectionClient::new(channel(url).await);
     let req = ServerReflectionRequest {
         host: String::new(),
