@@ -29,6 +29,7 @@ fn one_worker_and_three_workers_give_bit_identical_parameters() {
     let one = train_with(1, "invariance-1");
     let three = train_with(3, "invariance-3");
     assert_eq!(one.len(), 8);
+    assert_eq!(one.len(), three.len());
     for (a, b) in one.iter().zip(&three) {
         assert_eq!(a.0, b.0);
         assert!(a.2 == b.2, "{} differs between 1 and 3 workers", a.0);

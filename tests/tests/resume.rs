@@ -142,6 +142,7 @@ async fn a_coordinator_killed_three_times_resumes_and_ends_where_an_uninterrupte
     }
 
     let resumed = latest_params(&ck).unwrap();
+    assert_eq!(reference.len(), resumed.len());
     for (a, b) in reference.iter().zip(&resumed) {
         assert!(a.2 == b.2, "{} differs after the restarts", a.0);
     }

@@ -169,13 +169,28 @@ async fn status_follows_a_job_from_waiting_to_finished() {
     assert!(m["dtrain_gradient_bytes_received_total"] > 0.0);
     assert!(m.contains_key("dtrain_step_seconds_bucket{le=\"+Inf\"}"));
 
-    // The CLI: JSON for scripts, and a plot.
+    // The CLI: JSON for scripts (the same values GetStatus gives around it), and a plot.
+    let before = status(&url).await;
     let out = std::process::Command::new(bin_dir().join("coordinator"))
         .args(["status", "--json", "--coordinator", &url])
         .output()
         .unwrap();
+    let after = status(&url).await;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(json["step"].as_u64().is_some(), "{json}");
+    let step = json["step"].as_u64().unwrap_or(u64::MAX);
+    assert!(before.step <= step && step <= after.step, "{json}");
+    assert_eq!(json["state"], "running", "{json}");
+    assert_eq!(json["model"], after.model.as_str(), "{json}");
+    assert_eq!(json["total_steps"], after.total_steps, "{json}");
+    assert_eq!(json["live_workers"], 2, "{json}");
+    let mut names: Vec<&str> = json["workers"]
+        .as_array()
+        .map(|ws| ws.iter().filter_map(|w| w["name"].as_str()).collect())
+        .unwrap_or_default();
+    let mut want: Vec<&str> = after.workers.iter().map(|w| w.name.as_str()).collect();
+    names.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(names, want, "{json}");
     let plot = dir.join("history.svg");
     let out = std::process::Command::new(bin_dir().join("coordinator"))
         .args([

@@ -156,4 +156,32 @@ fn the_seed_preset_prints_the_lectures_log_lines() {
     }
     assert!(log.contains("Validation Accuracy: 0."), "{log}");
     assert!(log.contains("Testing Accuracy: "), "{log}");
+    // The lecture's optimizer took effect: plain gradient descent at lr 1e-5, the parameters
+    // those 3 steps give in the single-process loop.
+    let manifest = latest_manifest(&dir.join("ck")).unwrap();
+    assert_eq!(manifest["config"]["lr"].as_f64(), Some(1e-5));
+    assert_eq!(manifest["config"]["momentum"].as_f64(), Some(0.0));
+    let cfg = common::train::TrainConfig {
+        lr: 1e-5,
+        momentum: 0.0,
+        ..default_config(3)
+    };
+    let data = common::mnist::load(&mnist_dir()).unwrap();
+    let engine = common::engine::Engine::new(
+        cfg.model,
+        common::engine::BackendKind::Flex,
+        "cpu",
+        cfg.keep_prob,
+    )
+    .unwrap();
+    let local = common::train::train_local(&cfg, &engine, &data.train, 3).unwrap();
+    let reference = torch_layout(&cfg, &local.params);
+    let params = latest_params(&dir.join("ck")).unwrap();
+    assert_eq!(params.len(), reference.len());
+    for (name, _, values) in &params {
+        assert!(
+            values == &reference[name],
+            "{name} is not what lr 1e-5 without momentum gives"
+        );
+    }
 }
