@@ -595,13 +595,24 @@ mod tests {
             labels: &[12],
             dropout_seed: 0,
         }];
-        assert!(engine.gradients(&params, &bad).is_err());
+        let err = engine.gradients(&params, &bad).unwrap_err().to_string();
+        assert!(err.contains("label 12 is not a digit"), "{err}");
         let short = [MicroBatch {
             images: &images[1..],
             labels: &[1],
             dropout_seed: 0,
         }];
-        assert!(engine.gradients(&params, &short).is_err());
-        assert!(engine.gradients(&params[1..], &bad).is_err());
+        let err = engine.gradients(&params, &short).unwrap_err().to_string();
+        assert!(err.contains("783 image bytes for 1 labels"), "{err}");
+        // A good batch with a parameter vector one value short: the count is what is refused.
+        let good = [MicroBatch {
+            images: &images,
+            labels: &[1],
+            dropout_seed: 0,
+        }];
+        assert!(matches!(
+            engine.gradients(&params[1..], &good),
+            Err(Error::ParamCount { got, .. }) if got == params.len() - 1
+        ));
     }
 }
