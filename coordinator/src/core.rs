@@ -98,17 +98,6 @@ pub struct Submission {
     pub loss_sum: f64,
 }
 
-/// Why a worker could not compute a shard (see `ReportFailure` in the protocol).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The device or engine failed.
-    Compute,
-    /// The loss or a gradient was NaN or infinite.
-    NonFinite,
-    /// The task was malformed.
-    BadTask,
-}
-
 /// What became of a submission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
@@ -139,13 +128,6 @@ pub enum CoreError {
     Duplicate(TaskId),
     #[error("gradient nodes {got:?} do not match the task's {want:?}")]
     WrongNodes { got: Vec<Node>, want: Vec<Node> },
-}
-
-/// The job's verdict when workers cannot compute a shard because its numbers are not finite.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Diverged {
-    pub step: u64,
-    pub reason: String,
 }
 
 impl CoreError {
@@ -192,7 +174,8 @@ struct Round {
     /// Workers whose numbers for this step were non-finite or over the norm bound, one entry
     /// per report.
     troubled: Vec<WorkerId>,
-    diverged: Option<Diverged>,
+    /// Why the step diverged, once numeric trouble is settled.
+    diverged: Option<String>,
 }
 
 /// A finished step's reduced gradient.
@@ -358,10 +341,10 @@ impl Core {
         self.finished.as_deref()
     }
 
-    /// Set when workers established that the current step cannot be computed with finite
-    /// numbers (see [`Core::fail_task`]).
-    pub fn divergence(&self) -> Option<&Diverged> {
-        self.round.as_ref()?.diverged.as_ref()
+    /// Set when workers established that the current step cannot be computed with usable
+    /// numbers (see [`Core::numeric_trouble`]): why.
+    pub fn divergence(&self) -> Option<&str> {
+        self.round.as_ref()?.diverged.as_deref()
     }
 
     /// The next shard for an idle worker: a pending one, else a backup of a straggler.
@@ -446,29 +429,23 @@ impl Core {
         Ok(round.shards[shard].nodes.clone())
     }
 
-    /// Records that `worker` could not compute task `task_id` (see [`FailureKind`]): the shard
-    /// goes back to the queue, to another worker first. A non-finite loss or gradient counts as
-    /// numeric trouble (see [`Core::numeric_trouble`]).
+    /// Records that `worker` could not compute task `task_id`: the shard goes back to the queue,
+    /// to another worker first.
     pub fn fail_task(
         &mut self,
         worker: WorkerId,
         task_id: TaskId,
         step: u64,
-        kind: FailureKind,
         reason: &str,
         now: Instant,
     ) -> Result<(), CoreError> {
         self.touch(worker, now)?;
-        let live = self.live_workers();
         let (round, index) = open_task(self.round.as_mut(), worker, task_id, step)?;
         round.answered(task_id);
         let shard = &mut round.shards[index];
         shard.running.retain(|(t, _, _)| *t != task_id);
         if !shard.failed_by.contains(&worker) {
             shard.failed_by.push(worker);
-        }
-        if kind == FailureKind::NonFinite {
-            round.note_trouble(worker, live, reason);
         }
         if let Some(w) = self.workers.get_mut(&worker) {
             w.shard_failures += 1;
@@ -586,10 +563,7 @@ impl Round {
                 1 => "the only live worker, twice".to_string(),
                 n => format!("{n} workers"),
             };
-            self.diverged = Some(Diverged {
-                step: self.step,
-                reason: format!("{who}: {reason}"),
-            });
+            self.diverged = Some(format!("{who}: {reason}"));
         }
     }
 
@@ -833,15 +807,8 @@ mod tests {
         c.begin_round(0, 4);
         let a = c.next_task(ids[0], t0).unwrap().unwrap();
         let b = c.next_task(ids[1], t0).unwrap().unwrap();
-        c.fail_task(
-            ids[0],
-            a.task_id,
-            0,
-            FailureKind::Compute,
-            "out of memory",
-            t0,
-        )
-        .unwrap();
+        c.fail_task(ids[0], a.task_id, 0, "out of memory", t0)
+            .unwrap();
         // The failing worker is not handed the same shard while another can take it...
         assert_eq!(c.next_task(ids[0], t0).unwrap(), None);
         c.submit(answer(&b, ids[1]), t0).unwrap();
@@ -866,9 +833,15 @@ mod tests {
         let (mut c, ids) = cluster(1, t0);
         c.begin_round(0, 4);
         let a = c.next_task(ids[0], t0).unwrap().unwrap();
-        c.fail_task(ids[0], a.task_id, 0, FailureKind::Compute, "oops", t0)
-            .unwrap();
+        c.fail_task(ids[0], a.task_id, 0, "oops", t0).unwrap();
         assert_eq!(c.next_task(ids[0], t0).unwrap().unwrap().leaves, a.leaves);
+    }
+
+    /// A worker's report of a non-finite loss, as the service records it.
+    fn non_finite(c: &mut Core, worker: WorkerId, a: &Assignment, t0: Instant) {
+        c.fail_task(worker, a.task_id, a.step, "NaN loss", t0)
+            .unwrap();
+        c.numeric_trouble(worker, a.step, "NaN loss");
     }
 
     #[test]
@@ -878,15 +851,12 @@ mod tests {
         c.begin_round(7, 4);
         let a = c.next_task(ids[0], t0).unwrap().unwrap();
         let b = c.next_task(ids[1], t0).unwrap().unwrap();
-        c.fail_task(ids[0], a.task_id, 7, FailureKind::NonFinite, "NaN loss", t0)
-            .unwrap();
+        non_finite(&mut c, ids[0], &a, t0);
         // One sick device is not a verdict on the model.
         assert_eq!(c.divergence(), None);
-        c.fail_task(ids[1], b.task_id, 7, FailureKind::NonFinite, "NaN loss", t0)
-            .unwrap();
-        let d = c.divergence().unwrap();
-        assert_eq!(d.step, 7);
-        assert!(d.reason.contains("2 workers"), "{d:?}");
+        non_finite(&mut c, ids[1], &b, t0);
+        let d = c.divergence().unwrap_or_default();
+        assert!(d.contains("2 workers: NaN loss"), "{d}");
     }
 
     #[test]
@@ -895,12 +865,10 @@ mod tests {
         let (mut c, ids) = cluster(1, t0);
         c.begin_round(0, 4);
         let a = c.next_task(ids[0], t0).unwrap().unwrap();
-        c.fail_task(ids[0], a.task_id, 0, FailureKind::NonFinite, "NaN", t0)
-            .unwrap();
+        non_finite(&mut c, ids[0], &a, t0);
         assert_eq!(c.divergence(), None);
         let b = c.next_task(ids[0], t0).unwrap().unwrap();
-        c.fail_task(ids[0], b.task_id, 0, FailureKind::NonFinite, "NaN", t0)
-            .unwrap();
+        non_finite(&mut c, ids[0], &b, t0);
         assert!(c.divergence().is_some());
     }
 
@@ -926,7 +894,7 @@ mod tests {
         let (mut c, ids) = cluster(1, t0);
         c.begin_round(3, 4);
         assert!(matches!(
-            c.fail_task(ids[0], 1, 2, FailureKind::Compute, "x", t0),
+            c.fail_task(ids[0], 1, 2, "x", t0),
             Err(CoreError::StaleStep { .. })
         ));
         assert_eq!(

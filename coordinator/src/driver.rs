@@ -317,8 +317,8 @@ impl Driver {
                         "worker lost (missed its heartbeat deadline); its shard goes to another worker"
                     );
                 }
-                if let Some(d) = core.divergence() {
-                    return Ok(Round::Diverged(d.reason.clone()));
+                if let Some(why) = core.divergence() {
+                    return Ok(Round::Diverged(why.to_string()));
                 }
                 (core.take_result(), core.live_workers())
             };

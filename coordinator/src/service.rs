@@ -2,7 +2,7 @@
 //! state machine, and maps refusals to gRPC status codes. Bad input is logged with its sender,
 //! counted in status, and never stops training.
 
-use crate::core::{Accepted, CoreError, FailureKind, Submission, WorkerInfo};
+use crate::core::{Accepted, CoreError, Submission, WorkerInfo};
 use crate::state::Shared;
 use common::tree::Node;
 use proto::trainer_server::Trainer;
@@ -239,12 +239,7 @@ impl Trainer for TrainerService {
             .core()
             .expected_nodes(worker, task_id, step, Instant::now());
         let expected = expected.map_err(|e| self.refuse(worker, &address, e))?;
-        let leaves = self
-            .shared
-            .step_data()
-            .filter(|d| d.step == step)
-            .map(|d| d.leaves.clone())
-            .unwrap_or_default();
+        let data = self.shared.step_data().filter(|d| d.step == step);
         let n = self.shared.param_count;
         let mut nodes = Vec::with_capacity(expected.len());
         let (mut loss_sum, mut bytes) = (0.0, 0u64);
@@ -278,8 +273,9 @@ impl Trainer for TrainerService {
                         &format!("gradient of the wrong length: {e}"),
                     )
                 })?;
-                let examples = leaves
-                    .get(node.lo as usize..node.hi as usize)
+                let examples = data
+                    .as_ref()
+                    .and_then(|d| d.leaves.get(node.lo as usize..node.hi as usize))
                     .map_or(1, |l| l.iter().map(|r| r.len()).sum::<usize>());
                 if let Err(why) = check_gradient(
                     &values,
@@ -329,10 +325,10 @@ impl Trainer for TrainerService {
         let worker = r.worker_id;
         self.check_incarnation(worker, r.incarnation)?;
         let kind = match proto::FailureKind::try_from(r.kind) {
-            Ok(proto::FailureKind::Compute) => FailureKind::Compute,
-            Ok(proto::FailureKind::NonFinite) => FailureKind::NonFinite,
-            Ok(proto::FailureKind::BadTask) => FailureKind::BadTask,
-            _ => return Err(self.bad_input(worker, &address, "failure report of no known kind")),
+            Ok(proto::FailureKind::Unspecified) | Err(_) => {
+                return Err(self.bad_input(worker, &address, "failure report of no known kind"));
+            }
+            Ok(kind) => kind,
         };
         // A report is the worker's word; keep what it may cost us (log, status) bounded.
         let reason: String = r.reason.chars().take(MAX_REASON_CHARS).collect();
@@ -345,10 +341,14 @@ impl Trainer for TrainerService {
             reason,
             "worker could not compute its shard; handing it out again"
         );
-        let failed =
-            self.shared
-                .core()
-                .fail_task(worker, r.task_id, r.step, kind, &reason, Instant::now());
+        let failed = {
+            let mut core = self.shared.core();
+            let failed = core.fail_task(worker, r.task_id, r.step, &reason, Instant::now());
+            if failed.is_ok() && kind == proto::FailureKind::NonFinite {
+                core.numeric_trouble(worker, r.step, &reason);
+            }
+            failed
+        };
         failed.map_err(|e| self.refuse(worker, &address, e))?;
         self.shared.notify();
         Ok(Response::new(FailureResponse {}))

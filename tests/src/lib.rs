@@ -372,6 +372,37 @@ pub fn default_config(steps: u64) -> common::train::TrainConfig {
     }
 }
 
+/// The fault-free reference of every exactness test: the parameters, by PyTorch name, of the
+/// single-process loop (`train_local`, pure-Rust backend) after `steps` steps of `cfg`.
+pub fn local_reference(
+    cfg: &common::train::TrainConfig,
+    steps: u64,
+) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let data = common::mnist::load(&mnist_dir()).expect("MNIST");
+    let engine = common::engine::Engine::new(
+        cfg.model,
+        common::engine::BackendKind::Flex,
+        "cpu",
+        cfg.keep_prob,
+    )
+    .expect("engine");
+    let local = common::train::train_local(cfg, &engine, &data.train, steps).expect("local loop");
+    torch_layout(cfg, &local.params)
+}
+
+/// Panics unless the latest checkpoint in `ck` holds exactly `reference`'s parameters.
+pub fn assert_checkpoint_is(
+    ck: &Path,
+    reference: &std::collections::BTreeMap<String, Vec<f32>>,
+    what: &str,
+) {
+    let params = latest_params(ck).expect("latest checkpoint");
+    assert_eq!(params.len(), reference.len());
+    for (name, _, values) in &params {
+        assert!(values == &reference[name], "{name} differs from {what}");
+    }
+}
+
 /// A flat parameter vector as PyTorch-layout tensors by name.
 pub fn torch_layout(
     cfg: &common::train::TrainConfig,
@@ -394,6 +425,31 @@ pub async fn get_status(url: &str) -> Option<proto::StatusReply> {
         .ok()?;
     let reply = c.get_status(proto::GetStatusRequest {}).await.ok()?;
     Some(reply.into_inner())
+}
+
+/// Long-polls `GetWork` as a test client registered as `worker_id` until it is handed a task;
+/// panics after a minute.
+pub async fn take_shard(
+    client: &mut proto::trainer_client::TrainerClient<tonic::transport::Channel>,
+    worker_id: u64,
+    incarnation: u64,
+) -> proto::Task {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = client
+            .get_work(proto::GetWorkRequest {
+                worker_id,
+                incarnation,
+            })
+            .await
+            .expect("GetWork")
+            .into_inner()
+            .reply;
+        if let Some(proto::get_work_response::Reply::Task(task)) = reply {
+            return task;
+        }
+        assert!(Instant::now() < deadline, "no shard for the test client");
+    }
 }
 
 /// Polls the status until `f` holds; panics with the last status after `within`.

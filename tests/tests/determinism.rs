@@ -4,9 +4,6 @@
 //! so the tolerance is zero.
 
 use cluster_tests::*;
-use common::engine::{BackendKind, Engine};
-use common::train::train_local;
-use std::path::Path;
 use std::time::Duration;
 
 const STEPS: u64 = 20;
@@ -39,11 +36,7 @@ fn one_worker_and_three_workers_give_bit_identical_parameters() {
 #[test]
 fn the_cluster_reproduces_the_single_process_training_loop() {
     let cluster = train_with(2, "vs-local");
-    let cfg = default_config(STEPS);
-    let data = common::mnist::load(Path::new(&mnist_dir())).unwrap();
-    let engine = Engine::new(cfg.model, BackendKind::Flex, "cpu", cfg.keep_prob).unwrap();
-    let local = train_local(&cfg, &engine, &data.train, STEPS).unwrap();
-    let by_name = torch_layout(&cfg, &local.params);
+    let by_name = local_reference(&default_config(STEPS), STEPS);
     for (name, shape, values) in &cluster {
         let want = &by_name[name];
         assert_eq!(shape.iter().product::<usize>(), want.len(), "{name}");

@@ -4,12 +4,10 @@
 //! `coordinator/src/core.rs`.
 
 use cluster_tests::*;
-use common::engine::{BackendKind, Engine};
-use common::train::train_local;
 use proto::trainer_client::TrainerClient;
 use proto::{
     GetWorkRequest, HeartbeatRequest, NodeGradient, NodeRange, RegisterRequest, RegisterResponse,
-    SubmitRequest, get_work_response::Reply,
+    SubmitRequest,
 };
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -24,24 +22,11 @@ const STEPS: u64 = 50;
 /// The parameters of the single-process loop after `STEPS` steps, computed once per binary.
 fn reference() -> &'static BTreeMap<String, Vec<f32>> {
     static REF: OnceLock<BTreeMap<String, Vec<f32>>> = OnceLock::new();
-    REF.get_or_init(|| {
-        let cfg = default_config(STEPS);
-        let data = common::mnist::load(Path::new(&mnist_dir())).unwrap();
-        let engine = Engine::new(cfg.model, BackendKind::Flex, "cpu", cfg.keep_prob).unwrap();
-        let local = train_local(&cfg, &engine, &data.train, STEPS).unwrap();
-        torch_layout(&cfg, &local.params)
-    })
+    REF.get_or_init(|| local_reference(&default_config(STEPS), STEPS))
 }
 
 fn assert_equals_reference(ck: &Path) {
-    let params = latest_params(ck).unwrap();
-    assert_eq!(params.len(), reference().len());
-    for (name, _, values) in &params {
-        assert!(
-            values == &reference()[name],
-            "{name} differs from the fault-free run"
-        );
-    }
+    assert_checkpoint_is(ck, reference(), "the fault-free run");
 }
 
 /// The steps the coordinator logged as done, in order (needs `coordinator=debug`).
@@ -343,21 +328,7 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     );
 
     // Take a shard as a worker would.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let task = loop {
-        let r = client
-            .get_work(GetWorkRequest {
-                worker_id: me,
-                incarnation,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(Reply::Task(t)) = r.reply {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "no shard for the test client");
-    };
+    let task = take_shard(&mut client, me, incarnation).await;
     let zeros = vec![0.0f32; n];
 
     expect(

@@ -251,17 +251,7 @@ fn a_checkpoint_reads_back_with_pytorch_names_and_shapes() {
             .is_some_and(|s| s.len() == 64)
     );
     // Values equal the same two steps trained in this process, converted to PyTorch's layout.
-    let cfg = default_config(2);
-    let data = common::mnist::load(&mnist_dir()).unwrap();
-    let engine = common::engine::Engine::new(
-        cfg.model,
-        common::engine::BackendKind::Flex,
-        "cpu",
-        cfg.keep_prob,
-    )
-    .unwrap();
-    let live = common::train::train_local(&cfg, &engine, &data.train, 2).unwrap();
-    let by_name = torch_layout(&cfg, &live.params);
+    let by_name = local_reference(&default_config(2), 2);
     for (name, _, values) in &params {
         assert!(
             by_name[name] == *values,

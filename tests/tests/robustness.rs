@@ -4,15 +4,11 @@
 //! and health says when the job is over. Real processes, real gRPC.
 
 use cluster_tests::*;
-use common::engine::{BackendKind, Engine};
-use common::train::train_local;
 use proto::trainer_client::TrainerClient;
-use proto::{
-    GetWorkRequest, NodeGradient, RegisterRequest, SubmitRequest, get_work_response::Reply,
-};
+use proto::{NodeGradient, RegisterRequest, SubmitRequest};
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -70,23 +66,8 @@ fn ended(s: &proto::StatusReply) -> bool {
 
 /// The final parameters equal the fault-free single-process run's.
 fn assert_equals_reference(ck: &Path, steps: u64) {
-    let cfg = default_config(steps);
-    let data = common::mnist::load(&mnist_dir()).unwrap();
-    let engine = Engine::new(cfg.model, BackendKind::Flex, "cpu", cfg.keep_prob).unwrap();
-    let reference = torch_layout(
-        &cfg,
-        &train_local(&cfg, &engine, &data.train, steps)
-            .unwrap()
-            .params,
-    );
-    let params = latest_params(ck).unwrap();
-    assert_eq!(params.len(), reference.len());
-    for (name, _, values) in &params {
-        assert!(
-            values == &reference[name],
-            "{name} differs from the fault-free run"
-        );
-    }
+    let reference = local_reference(&default_config(steps), steps);
+    assert_checkpoint_is(ck, &reference, "the fault-free run");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -255,21 +236,7 @@ async fn a_gradient_over_the_norm_bound_is_refused_and_changes_nothing() {
         .unwrap()
         .into_inner();
     let _w = start_worker(&dir, "worker", &url, &[]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let task = loop {
-        let r = client
-            .get_work(GetWorkRequest {
-                worker_id: reg.worker_id,
-                incarnation: reg.incarnation,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(Reply::Task(t)) = r.reply {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "no shard for the test client");
-    };
+    let task = take_shard(&mut client, reg.worker_id, reg.incarnation).await;
     let mut poisoned = vec![0.0f32; reg.parameter_count as usize];
     poisoned[7] = 1e30;
     let bytes: Vec<u8> = proto::encode_f32(&poisoned);

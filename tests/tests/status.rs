@@ -7,6 +7,41 @@ use proto::{JobState, StatusReply, WatchStatusRequest};
 use std::io::{Read, Write};
 use std::time::Duration;
 
+/// The services a reflection endpoint lists, asked in reflection version `$v` (`v1`, or
+/// `v1alpha`, the one grpcurl and grpcio-reflection speak): the two are the same protocol in
+/// separately generated types.
+macro_rules! list_services {
+    ($v:ident, $url:expr) => {{
+        use tonic_reflection::pb::$v::ServerReflectionRequest;
+        use tonic_reflection::pb::$v::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$v::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$v::server_reflection_response::MessageResponse;
+        let mut client = ServerReflectionClient::new(channel($url).await);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = client
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        match stream
+            .message()
+            .await
+            .unwrap()
+            .and_then(|r| r.message_response)
+        {
+            Some(MessageResponse::ListServicesResponse(l)) => l
+                .service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>(),
+            other => panic!("unexpected reflection answer {other:?}"),
+        }
+    }};
+}
+
 async fn status(url: &str) -> StatusReply {
     get_status(url).await.expect("coordinator reachable")
 }
@@ -108,12 +143,12 @@ async fn status_follows_a_job_from_waiting_to_finished() {
         h.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
-    let services = list_services(&url).await;
+    let services = list_services!(v1, &url);
     assert!(
         services.contains(&"dtrain.v1.Status".to_string()),
         "{services:?}"
     );
-    let older = list_services_v1alpha(&url).await;
+    let older = list_services!(v1alpha, &url);
     for name in ["dtrain.v1.Status", "dtrain.v1.Trainer"] {
         assert!(older.contains(&name.to_string()), "{older:?}");
     }
@@ -246,63 +281,6 @@ async fn status_follows_a_job_from_waiting_to_finished() {
         "{last:?}"
     );
     assert_eq!(last.step, 60);
-}
-
-async fn list_services(url: &str) -> Vec<String> {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let mut client = ServerReflectionClient::new(channel(url).await);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = client
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await
-        .unwrap()
-        .into_inner();
-    match stream
-        .message()
-        .await
-        .unwrap()
-        .and_then(|r| r.message_response)
-    {
-        Some(MessageResponse::ListServicesResponse(l)) => {
-            l.service.into_iter().map(|s| s.name).collect()
-        }
-        other => panic!("unexpected reflection answer {other:?}"),
-    }
-}
-
-/// The same question in reflection's older version, the one grpcurl and grpcio-reflection speak.
-async fn list_services_v1alpha(url: &str) -> Vec<String> {
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    let mut client = ServerReflectionClient::new(channel(url).await);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = client
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await
-        .unwrap()
-        .into_inner();
-    match stream
-        .message()
-        .await
-        .unwrap()
-        .and_then(|r| r.message_response)
-    {
-        Some(MessageResponse::ListServicesResponse(l)) => {
-            l.service.into_iter().map(|s| s.name).collect()
-        }
-        other => panic!("unexpected reflection answer {other:?}"),
-    }
 }
 
 async fn channel(url: &str) -> tonic::transport::Channel {

@@ -166,22 +166,6 @@ fn the_seed_preset_prints_the_lectures_log_lines() {
         momentum: 0.0,
         ..default_config(3)
     };
-    let data = common::mnist::load(&mnist_dir()).unwrap();
-    let engine = common::engine::Engine::new(
-        cfg.model,
-        common::engine::BackendKind::Flex,
-        "cpu",
-        cfg.keep_prob,
-    )
-    .unwrap();
-    let local = common::train::train_local(&cfg, &engine, &data.train, 3).unwrap();
-    let reference = torch_layout(&cfg, &local.params);
-    let params = latest_params(&dir.join("ck")).unwrap();
-    assert_eq!(params.len(), reference.len());
-    for (name, _, values) in &params {
-        assert!(
-            values == &reference[name],
-            "{name} is not what lr 1e-5 without momentum gives"
-        );
-    }
+    let reference = local_reference(&cfg, 3);
+    assert_checkpoint_is(&dir.join("ck"), &reference, "lr 1e-5 without momentum");
 }
