@@ -5,6 +5,7 @@ use crate::config::StatusArgs;
 use common::model::ModelSpec;
 use common::shapes::{Conv, Padding, Volume};
 use proto::status_client::StatusClient;
+use proto::transport::{AuthChannel, ClientSecurity, Role};
 use proto::{GetHistoryRequest, GetStatusRequest, StatusReply, WatchStatusRequest};
 use std::time::Duration;
 
@@ -80,17 +81,22 @@ pub fn group(n: usize) -> String {
     out
 }
 
-async fn connect(args: &StatusArgs) -> anyhow::Result<StatusClient<tonic::transport::Channel>> {
+async fn connect(args: &StatusArgs) -> anyhow::Result<StatusClient<AuthChannel>> {
     let timeout = Duration::from_secs_f64(args.timeout_secs);
-    let channel = tonic::transport::Endpoint::from_shared(args.coordinator.clone())?
+    let security = ClientSecurity::new(&args.security.load(Role::Reader)?)?;
+    let channel = security
+        .endpoint(&args.coordinator)?
         .connect_timeout(timeout)
         .timeout(timeout)
         .connect()
         .await
         .map_err(|e| {
-            anyhow::anyhow!("cannot reach the coordinator at {}: {e}", args.coordinator)
+            anyhow::Error::new(e).context(format!(
+                "cannot reach the coordinator at {}",
+                args.coordinator
+            ))
         })?;
-    Ok(StatusClient::new(channel))
+    Ok(StatusClient::new(security.authorize(channel)))
 }
 
 fn state_name(s: i32) -> &'static str {
@@ -137,6 +143,8 @@ pub fn status_json(r: &StatusReply) -> serde_json::Value {
         "bad_inputs": r.bad_inputs,
         "warning": r.warning,
         "last_grad_norm": r.last_grad_norm,
+        "refused_handshakes": r.refused_handshakes,
+        "refused_calls": r.refused_calls,
         "workers": r.workers.iter().map(|w| serde_json::json!({
             "id": w.id, "name": w.name, "address": w.address, "backend": w.backend,
             "device": w.device, "threads": w.threads, "state": w.state,
@@ -181,6 +189,12 @@ fn status_text(r: &StatusReply) -> String {
     }
     if !r.warning.is_empty() {
         out.push_str(&format!("warning: {}\n", r.warning));
+    }
+    if r.refused_handshakes + r.refused_calls > 0 {
+        out.push_str(&format!(
+            "refused: {} connections (TLS handshake), {} calls (unauthenticated)\n",
+            r.refused_handshakes, r.refused_calls
+        ));
     }
     for w in &r.workers {
         out.push_str(&format!(

@@ -54,6 +54,10 @@ pub enum Command {
     },
     /// Query a running coordinator's training status.
     Status(StatusArgs),
+    /// Create the cluster's TLS material and token in DIR (for --tls-dir): a CA, the
+    /// coordinator's server certificate, a worker client certificate, a job token and a
+    /// read-only status token. A CA already in DIR (ca.pem, ca.key: your own) is reused.
+    Certs(CertsArgs),
     /// List the checkpoints at a URL.
     Checkpoints {
         #[arg(
@@ -85,6 +89,24 @@ pub struct StatusArgs {
     /// Give up after this many seconds without an answer.
     #[arg(long, default_value_t = 10.0)]
     pub timeout_secs: f64,
+    #[command(flatten)]
+    pub security: proto::transport::SecurityArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct CertsArgs {
+    /// Directory to write (created if missing; existing certificates and tokens are replaced).
+    pub dir: PathBuf,
+    /// Extra names or IP addresses for the coordinator's certificate, besides localhost,
+    /// 127.0.0.1, ::1, `coordinator` (compose) and the Kubernetes service names.
+    #[arg(long = "san", value_name = "NAME")]
+    pub sans: Vec<String>,
+    /// Kubernetes namespace for the service names in the certificate.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Days the coordinator and worker certificates are valid (the CA: ten years).
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -127,15 +149,27 @@ impl ModelArg {
 #[derive(Debug, Args, Clone)]
 pub struct TrainArgs {
     /// gRPC address to listen on (port 0 picks a free port; the bound address is logged).
-    #[arg(long, env = "COORDINATOR_LISTEN", default_value = "0.0.0.0:50051")]
+    /// Any address but loopback needs TLS and a token (--tls-dir), or --insecure.
+    #[arg(long, env = "COORDINATOR_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// Prometheus text endpoint (`GET /metrics`); port 0 picks one (logged).
+    /// Prometheus text endpoint (`GET /metrics`, over TLS when TLS is configured); port 0
+    /// picks one (logged). Any address but loopback needs TLS, or --insecure.
     #[arg(
         long,
         env = "COORDINATOR_METRICS_LISTEN",
-        default_value = "0.0.0.0:9090"
+        default_value = "127.0.0.1:9090"
     )]
     pub metrics_listen: SocketAddr,
+    #[command(flatten)]
+    pub security: proto::transport::SecurityArgs,
+    /// Allow listening beyond loopback without TLS and a token (anyone who reaches the port
+    /// can join the job, read the model and poison it).
+    #[arg(long, env = "COORDINATOR_INSECURE")]
+    pub insecure: bool,
+    /// Live workers at most; more registrations are refused with RESOURCE_EXHAUSTED (the
+    /// worker retries). Records of lost workers are pruned beyond the newest 64.
+    #[arg(long, env = "COORDINATOR_MAX_WORKERS", default_value_t = 256)]
+    pub max_workers: usize,
     /// Serve no metrics endpoint.
     #[arg(long, env = "COORDINATOR_NO_METRICS")]
     pub no_metrics: bool,
@@ -304,6 +338,10 @@ impl TrainArgs {
             (
                 self.min_workers == 0,
                 "--min-workers must be at least 1".into(),
+            ),
+            (
+                self.max_workers < self.workers.max(self.min_workers),
+                "--max-workers must be at least --workers and --min-workers".into(),
             ),
             (t.batch_size == 0, "--batch-size must be at least 1".into()),
             (

@@ -27,7 +27,13 @@ pub struct CoreConfig {
     pub straggler_factor: f64,
     /// Bad submissions after which a worker is quarantined.
     pub max_bad_inputs: u32,
+    /// Live workers at most; more registrations are refused.
+    pub max_workers: usize,
 }
+
+/// Records of gone (lost or quarantined) workers kept for status; older ones are pruned, so
+/// memory stays flat over a long job whose workers come and go.
+pub const KEPT_GONE_WORKERS: usize = 64;
 
 /// What a worker told us about itself at registration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -110,6 +116,8 @@ pub enum Accepted {
 /// Why a call was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CoreError {
+    #[error("the cluster is full: {0} live workers (--max-workers); retry later")]
+    Full(usize),
     #[error("unknown worker id {0} (re-register)")]
     UnknownWorker(WorkerId),
     #[error("worker {0} is quarantined after repeated bad submissions")]
@@ -215,7 +223,12 @@ impl Core {
         }
     }
 
-    pub fn register(&mut self, info: WorkerInfo, now: Instant) -> WorkerId {
+    /// Adds a live worker, unless `max_workers` are live already.
+    pub fn register(&mut self, info: WorkerInfo, now: Instant) -> Result<WorkerId, CoreError> {
+        let live = self.live_workers();
+        if live >= self.cfg.max_workers {
+            return Err(CoreError::Full(live));
+        }
         let id = self.next_worker;
         self.next_worker += 1;
         self.workers.insert(
@@ -234,7 +247,24 @@ impl Core {
                 last_failure: None,
             },
         );
-        id
+        Ok(id)
+    }
+
+    /// Forgets the oldest gone workers beyond [`KEPT_GONE_WORKERS`].
+    fn prune_gone(&mut self) {
+        let mut gone: Vec<(Instant, WorkerId)> = self
+            .workers
+            .values()
+            .filter(|w| w.state != WorkerState::Live)
+            .map(|w| (w.last_seen, w.id))
+            .collect();
+        if gone.len() <= KEPT_GONE_WORKERS {
+            return;
+        }
+        gone.sort();
+        for (_, id) in &gone[..gone.len() - KEPT_GONE_WORKERS] {
+            self.workers.remove(id);
+        }
     }
 
     /// Records that `id` was heard from; a lost worker is live again. Returns true when this
@@ -269,6 +299,9 @@ impl Core {
             }
             self.abandon_tasks_of(*id);
         }
+        if !lost.is_empty() {
+            self.prune_gone();
+        }
         lost
     }
 
@@ -283,6 +316,7 @@ impl Core {
         if w.bad_inputs >= max && w.state != WorkerState::Quarantined {
             w.state = WorkerState::Quarantined;
             self.abandon_tasks_of(id);
+            self.prune_gone();
             return true;
         }
         false
@@ -620,7 +654,42 @@ mod tests {
             heartbeat_timeout: 3 * SECOND,
             straggler_factor: 3.0,
             max_bad_inputs: 3,
+            max_workers: 8,
         })
+    }
+
+    #[test]
+    fn a_full_cluster_refuses_registrations_until_a_worker_is_lost() {
+        let mut c = core();
+        let t0 = Instant::now();
+        for _ in 0..8 {
+            c.register(WorkerInfo::default(), t0).unwrap();
+        }
+        assert!(matches!(
+            c.register(WorkerInfo::default(), t0),
+            Err(CoreError::Full(8))
+        ));
+        assert_eq!(c.tick(t0 + 4 * SECOND).len(), 8);
+        assert!(c.register(WorkerInfo::default(), t0 + 4 * SECOND).is_ok());
+    }
+
+    #[test]
+    fn records_of_gone_workers_stay_bounded() {
+        let mut c = core();
+        let mut t = Instant::now();
+        // 1,000 workers that register and vanish, eight at a time.
+        for _ in 0..125 {
+            for _ in 0..8 {
+                c.register(WorkerInfo::default(), t).unwrap();
+            }
+            t += 4 * SECOND;
+            c.tick(t);
+        }
+        assert_eq!(c.workers().count(), KEPT_GONE_WORKERS);
+        // The newest are kept.
+        let newest = c.workers().map(|w| w.id).max().unwrap();
+        assert_eq!(newest, 1000);
+        assert_eq!(c.live_workers(), 0);
     }
 
     fn answer(a: &Assignment, worker: WorkerId) -> Submission {
@@ -640,7 +709,7 @@ mod tests {
     fn cluster(n: usize, t0: Instant) -> (Core, Vec<WorkerId>) {
         let mut c = core();
         let ids = (0..n)
-            .map(|_| c.register(WorkerInfo::default(), t0))
+            .map(|_| c.register(WorkerInfo::default(), t0).unwrap())
             .collect();
         (c, ids)
     }
@@ -691,7 +760,7 @@ mod tests {
         c.tick(t0 + 4 * SECOND);
         assert_eq!(c.live_workers(), 0);
         assert_eq!(c.pending_shards(), 1);
-        let newcomer = c.register(WorkerInfo::default(), t0 + 5 * SECOND);
+        let newcomer = c.register(WorkerInfo::default(), t0 + 5 * SECOND).unwrap();
         let a = c.next_task(newcomer, t0 + 5 * SECOND).unwrap().unwrap();
         assert_eq!(a.leaves, 0..4);
         c.submit(answer(&a, newcomer), t0 + 6 * SECOND).unwrap();
@@ -704,7 +773,7 @@ mod tests {
         let (mut c, ids) = cluster(1, t0);
         c.begin_round(0, 4);
         let a = c.next_task(ids[0], t0).unwrap().unwrap();
-        let late = c.register(WorkerInfo::default(), t0);
+        let late = c.register(WorkerInfo::default(), t0).unwrap();
         // Nothing pending and no straggler reference yet: the newcomer waits.
         assert_eq!(c.next_task(late, t0).unwrap(), None);
         c.submit(answer(&a, ids[0]), t0 + SECOND).unwrap();

@@ -4,6 +4,7 @@
 //! [`run`] is the whole server, started by the thin `main` on its listener; it returns when
 //! training ends (after `--linger`) or `shutdown` is cancelled (after a checkpoint).
 
+pub mod certs;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -27,11 +28,14 @@ use common::engine::{BackendKind, Engine};
 use common::train::TrainState;
 use proto::status_server::StatusServer;
 use proto::trainer_server::TrainerServer;
+use proto::transport::{Guard, Role, ServerSecurity};
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic_health::pb::health_server::HealthServer;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Runs a training job to its end, serving gRPC on `listener`.
 pub async fn run(
@@ -40,6 +44,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Outcome> {
     args.validate().map_err(anyhow::Error::msg)?;
+    let security = ServerSecurity::new(&args.security.load(Role::Coordinator)?)?;
+    let addr = listener.local_addr()?;
+    expose("gRPC", addr, security.is_secured(), args.insecure)?;
     let job = args.job();
     let cfg = job.train.clone();
     let data = Arc::new(data::load(&args.data_dir, args.download, &args.mnist_mirror).await?);
@@ -83,6 +90,7 @@ pub async fn run(
         heartbeat_timeout,
         straggler_factor: args.straggler_factor,
         max_bad_inputs: args.max_bad_inputs,
+        max_workers: args.max_workers,
     });
     let status = JobStatus {
         state: JobState::WaitingForWorkers("starting".into()),
@@ -111,25 +119,17 @@ pub async fn run(
     let shared = Shared::new(
         core,
         status,
-        engine.param_count(),
         cfg.model,
         cfg.keep_prob,
         interval_ms,
         args.max_node_grad_norm(),
+        security.refusals.clone(),
     );
 
-    let addr = listener.local_addr()?;
     let server_stop = CancellationToken::new();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TrainerServer<TrainerService>>().await;
     health.set_serving::<StatusServer<StatusService>>().await;
-    let server = tokio::spawn(serve(
-        shared.clone(),
-        health_service,
-        listener,
-        server_stop.clone(),
-    ));
-    info!(%addr, "coordinator listening on {addr}");
     let metrics = if args.no_metrics {
         None
     } else {
@@ -137,13 +137,30 @@ pub async fn run(
             .await
             .map_err(|e| anyhow::anyhow!("cannot serve metrics on {}: {e}", args.metrics_listen))?;
         let maddr = l.local_addr()?;
-        info!("metrics listening on http://{maddr}/metrics");
+        expose("metrics", maddr, security.tls(), args.insecure)?;
+        let scheme = if security.tls() { "https" } else { "http" };
+        info!("metrics listening on {scheme}://{maddr}/metrics");
         Some(tokio::spawn(metrics::serve(
             shared.clone(),
-            l,
+            security.incoming(l, server_stop.clone()),
+            maddr,
             server_stop.clone(),
         )))
     };
+    let server = tokio::spawn(serve(
+        shared.clone(),
+        health_service,
+        security.incoming(listener, server_stop.clone()),
+        (security.trainer_guard(), security.reader_guard()),
+        server_stop.clone(),
+    ));
+    let secured = match (security.tls(), security.is_secured()) {
+        (true, true) => "TLS, client certificates and token",
+        (true, false) => "TLS and client certificates, no token",
+        (false, true) => "token, no TLS",
+        (false, false) => "no TLS, no token",
+    };
+    info!(%addr, security = secured, "coordinator listening on {addr}");
 
     let driver = Driver {
         shared: shared.clone(),
@@ -183,11 +200,27 @@ pub async fn run(
     outcome
 }
 
-/// Serves the Trainer and Status services, health and reflection until `stop`.
+/// Refuses to serve `what` beyond loopback unsecured, unless `--insecure` (then warns).
+fn expose(
+    what: &str,
+    addr: std::net::SocketAddr,
+    secured: bool,
+    insecure: bool,
+) -> anyhow::Result<()> {
+    proto::transport::check_exposure(what, addr, secured, insecure)?;
+    if !secured && !addr.ip().is_loopback() {
+        warn!(%addr, "--insecure: serving {what} beyond loopback without TLS and a token");
+    }
+    Ok(())
+}
+
+/// Serves the Trainer and Status services, health and reflection on the connections of
+/// `incoming` until `stop`. Health is open; the rest is behind the security's guards.
 async fn serve(
     shared: Arc<Shared>,
     health: HealthServer<impl tonic_health::pb::health_server::Health>,
-    listener: TcpListener,
+    incoming: tokio::sync::mpsc::Receiver<proto::transport::Conn>,
+    (trainer, reader): (Guard, Guard),
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     // Both reflection versions: grpcurl and Python's grpcio-reflection still speak v1alpha only.
@@ -199,23 +232,23 @@ async fn serve(
     let (reflection_v1, reflection_v1alpha) =
         (reflection().build_v1()?, reflection().build_v1alpha()?);
     let max = proto::MAX_MESSAGE_BYTES;
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .initial_stream_window_size(Some(proto::STREAM_WINDOW_BYTES))
-        .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES))
+    let incoming =
+        tokio_stream::wrappers::ReceiverStream::new(incoming).map(Ok::<_, std::io::Error>);
+    proto::transport::server()
         .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
+        .add_service(InterceptedService::new(reflection_v1, reader.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, reader.clone()))
+        .add_service(InterceptedService::new(
             TrainerServer::new(TrainerService::new(shared.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
-        .add_service(StatusServer::new(StatusService::new(shared)))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            stop.cancelled_owned(),
-        )
+            trainer,
+        ))
+        .add_service(InterceptedService::new(
+            StatusServer::new(StatusService::new(shared)),
+            reader,
+        ))
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await?;
     Ok(())
 }

@@ -29,6 +29,7 @@ async fn main() -> ExitCode {
             padding,
         }) => coordinator::cli::shape(&input, &filter, filters, stride, &padding),
         Some(Command::Status(args)) => coordinator::cli::status(args).await,
+        Some(Command::Certs(args)) => coordinator::certs::certs(&args),
         Some(Command::Checkpoints { checkpoint_url }) => {
             coordinator::cli::checkpoints(&checkpoint_url).await
         }

@@ -3,9 +3,11 @@
 
 use crate::state::Shared;
 use crate::status::snapshot;
+use proto::transport::Conn;
 use std::fmt::Write;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Upper bounds (seconds) of the step-latency histogram buckets.
@@ -95,6 +97,18 @@ pub fn render(shared: &Shared) -> String {
         "counter",
         s.bad_inputs as f64,
     );
+    gauge(
+        "dtrain_refused_handshakes_total",
+        "Connections refused at the TLS handshake.",
+        "counter",
+        s.refused_handshakes as f64,
+    );
+    gauge(
+        "dtrain_refused_calls_total",
+        "Calls refused as unauthenticated.",
+        "counter",
+        s.refused_calls as f64,
+    );
     let _ = writeln!(
         out,
         "# HELP dtrain_step_seconds Wall time of a training step.\n# TYPE dtrain_step_seconds histogram"
@@ -113,10 +127,12 @@ pub fn render(shared: &Shared) -> String {
     out
 }
 
-/// Serves `/metrics` until `stop`.
+/// Serves `/metrics` on the connections of `incoming` (plain or TLS, see
+/// `proto::transport`) until `stop`.
 pub async fn serve(
     shared: Arc<Shared>,
-    listener: TcpListener,
+    incoming: mpsc::Receiver<Conn>,
+    local: SocketAddr,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let app = axum::Router::new().route(
@@ -134,7 +150,33 @@ pub async fn serve(
             }
         }),
     );
-    axum::serve(listener, app)
+    axum::serve(Incoming { incoming, local }, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
+}
+
+/// The accepted connections as an axum listener.
+struct Incoming {
+    incoming: mpsc::Receiver<Conn>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for Incoming {
+    type Io = Conn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Conn, SocketAddr) {
+        match self.incoming.recv().await {
+            Some(conn) => {
+                let peer = conn.info().remote;
+                (conn, peer)
+            }
+            // The acceptor stopped (shutdown): wait for the graceful shutdown to end serving.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
 }

@@ -64,6 +64,7 @@ impl TrainerService {
 
 fn core_status(e: CoreError) -> Status {
     match e {
+        CoreError::Full(_) => Status::resource_exhausted(e.to_string()),
         CoreError::UnknownWorker(_) => Status::not_found(e.to_string()),
         CoreError::Quarantined(_) => Status::permission_denied(e.to_string()),
         CoreError::StaleStep { .. } => Status::aborted(e.to_string()),
@@ -75,8 +76,7 @@ fn core_status(e: CoreError) -> Status {
 }
 
 fn peer<T>(req: &Request<T>) -> String {
-    req.remote_addr()
-        .map_or_else(|| "unknown".into(), |a| a.to_string())
+    proto::transport::peer(req).map_or_else(|| "unknown".into(), |p| p.remote.to_string())
 }
 
 #[tonic::async_trait]
@@ -110,7 +110,14 @@ impl Trainer for TrainerService {
             device: r.device,
             threads: r.threads,
         };
-        let id = self.shared.core().register(info.clone(), Instant::now());
+        let id = self
+            .shared
+            .core()
+            .register(info.clone(), Instant::now())
+            .map_err(|e| {
+                warn!(address = info.address, error = %e, "refused a registration");
+                core_status(e)
+            })?;
         info!(
             worker = id,
             name = info.name,

@@ -80,6 +80,8 @@ pub struct Shared {
     pub max_node_grad_norm: Option<f64>,
     /// This process's identity for workers (see `RegisterResponse.incarnation`): random, never 0.
     pub incarnation: u64,
+    /// Connections and calls the transport refused.
+    pub refusals: Arc<proto::transport::Refusals>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -92,23 +94,24 @@ impl Shared {
     pub fn new(
         core: Core,
         status: JobStatus,
-        param_count: usize,
         model: common::model::ModelSpec,
         keep_prob: f32,
         heartbeat_interval_ms: u32,
         max_node_grad_norm: Option<f64>,
+        refusals: Arc<proto::transport::Refusals>,
     ) -> Arc<Self> {
         Arc::new(Shared {
             core: Mutex::new(core),
             step_data: Mutex::new(None),
             status: Mutex::new(status),
             changed: watch::channel(0).0,
-            param_count,
+            param_count: model.param_count(),
             model,
             keep_prob,
             heartbeat_interval_ms,
             max_node_grad_norm,
             incarnation: rand::random::<u64>() | 1,
+            refusals,
         })
     }
 

@@ -8,19 +8,74 @@ use proto::{
     GetHistoryRequest, GetStatusRequest, HistoryPoint, HistoryReply, StatusReply,
     WatchStatusRequest, WorkerStatus,
 };
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 pub struct StatusService {
     shared: Arc<Shared>,
+    watchers: Arc<Mutex<Watchers>>,
+}
+
+/// `WatchStatus` streams at most per connection and in all; more are refused with
+/// RESOURCE_EXHAUSTED (each stream holds a task and a snapshot per update).
+pub const MAX_WATCHES_PER_CONNECTION: usize = 4;
+pub const MAX_WATCHES: usize = 64;
+/// The update rates a watcher may ask for (`max_per_second`, 0 meaning the default 10).
+const WATCH_RATES: std::ops::RangeInclusive<f32> = 0.1..=20.0;
+
+/// Open `WatchStatus` streams by connection.
+#[derive(Default)]
+struct Watchers {
+    by_peer: HashMap<String, usize>,
+    total: usize,
+}
+
+/// One open stream's place; given back when the stream ends.
+struct WatchSlot {
+    watchers: Arc<Mutex<Watchers>>,
+    peer: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        w.total -= 1;
+        if let Some(n) = w.by_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                w.by_peer.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl StatusService {
     pub fn new(shared: Arc<Shared>) -> Self {
-        StatusService { shared }
+        StatusService {
+            shared,
+            watchers: Arc::default(),
+        }
+    }
+
+    fn take_watch_slot(&self, peer: String) -> Result<WatchSlot, Status> {
+        let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = w.by_peer.get(&peer).copied().unwrap_or(0);
+        if mine >= MAX_WATCHES_PER_CONNECTION || w.total >= MAX_WATCHES {
+            return Err(Status::resource_exhausted(format!(
+                "too many WatchStatus streams (at most {MAX_WATCHES_PER_CONNECTION} per connection, {MAX_WATCHES} in all); use GetStatus or retry later"
+            )));
+        }
+        *w.by_peer.entry(peer.clone()).or_default() += 1;
+        w.total += 1;
+        Ok(WatchSlot {
+            watchers: self.watchers.clone(),
+            peer,
+        })
     }
 }
 
@@ -99,6 +154,8 @@ pub fn snapshot(shared: &Shared) -> StatusReply {
         bad_inputs: s.bad_inputs,
         warning: s.warning.clone().unwrap_or_default(),
         last_grad_norm: s.last_grad_norm.unwrap_or(0.0),
+        refused_handshakes: shared.refusals.handshakes.load(Ordering::Relaxed),
+        refused_calls: shared.refusals.calls.load(Ordering::Relaxed),
     }
 }
 
@@ -123,15 +180,20 @@ impl StatusApi for StatusService {
         &self,
         req: Request<WatchStatusRequest>,
     ) -> Result<Response<StatusStream>, Status> {
+        let peer = proto::transport::peer(&req)
+            .map_or_else(|| "unknown".to_string(), |p| p.remote.to_string());
+        let slot = self.take_watch_slot(peer)?;
         let rate = req.into_inner().max_per_second;
-        let min_gap = if rate > 0.0 {
-            Duration::from_secs_f32(1.0 / rate)
+        let rate = if rate.is_finite() && rate > 0.0 {
+            rate.clamp(*WATCH_RATES.start(), *WATCH_RATES.end())
         } else {
-            Duration::from_millis(100)
+            10.0
         };
+        let min_gap = Duration::from_secs_f32(1.0 / rate);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let shared = self.shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut changed = shared.subscribe();
             let mut last_step = None;
             loop {

@@ -1,12 +1,17 @@
 //! The gRPC contract of the training cluster: generated tonic/prost types for `dtrain.v1`, the
-//! protocol version, the message-size bound and the tensor wire encoding.
+//! protocol version, the message-size bound and the tensor wire encoding; and [`transport`], the
+//! one place its servers and channels are set up (TLS, tokens, bounds).
 //!
 //! Protobuf types stop at the edge: the coordinator and worker convert them into domain types
 //! (validating as they go) right after decoding.
 
-#![allow(clippy::all, missing_docs)]
+#[allow(clippy::all, missing_docs)]
+mod generated {
+    tonic::include_proto!("dtrain.v1");
+}
+pub use generated::*;
 
-tonic::include_proto!("dtrain.v1");
+pub mod transport;
 
 /// Encoded `FileDescriptorSet` of `dtrain.proto`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dtrain_descriptor");

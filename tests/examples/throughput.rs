@@ -1,6 +1,7 @@
 //! Throughput benchmark: images/s of the single-process loop (1 and 2 threads), of one
-//! distributed worker (1 and 2 threads) and of two one-thread workers, per backend, all measured
-//! in this one run on this machine, with ratios and the bytes sent per step.
+//! distributed worker (1 and 2 threads, and 1 thread over mutual TLS with a token) and of two
+//! one-thread workers, per backend, all measured in this one run on this machine, with ratios
+//! and the bytes sent per step.
 //!
 //!   cargo run -p cluster-tests --example throughput [-- STEPS]            (flex; 30 steps)
 //!   BENCH_BACKENDS=flex,tch cargo run -p cluster-tests --features tch --example throughput
@@ -49,49 +50,58 @@ fn local(
     })
 }
 
-/// Images/s and bytes per step of a cluster with `workers` one-thread workers.
+/// Images/s and bytes per step of a cluster with `workers` workers of `threads` threads, over
+/// TLS (material from `coordinator certs`) when `tls`.
 async fn distributed(
     workers: usize,
     threads: usize,
     steps: u64,
     backend: &str,
+    tls: bool,
 ) -> anyhow::Result<(f64, f64)> {
-    let dir = scratch(&format!("bench-{workers}x{threads}-{backend}"));
+    let suffix = if tls { "-tls" } else { "" };
+    let dir = scratch(&format!("bench-{workers}x{threads}-{backend}{suffix}"));
+    let tls_dir = tls.then(|| make_certs(&dir)).transpose()?;
+    let tls_args: Vec<String> = tls_dir
+        .iter()
+        .flat_map(|d| ["--tls-dir".to_string(), d.display().to_string()])
+        .collect();
+    let reader = match &tls_dir {
+        Some(d) => ClientSecurity::new(&material(d, Role::Reader))?,
+        None => ClientSecurity::none(),
+    };
     let t = threads.to_string();
     let total = (WARMUP + steps).to_string();
     let w = workers.to_string();
     let ck = dir.join("ck");
-    let (mut c, url) = start_coordinator(
-        &dir,
-        "coordinator",
-        &[
-            "--workers",
-            &w,
-            "--max-steps",
-            &total,
-            "--eval-every",
-            "100000",
-            "--validation-size",
-            "10",
-            "--test-size",
-            "10",
-            "--checkpoint-every",
-            "0",
-            "--checkpoint-url",
-            ck.to_str().unwrap_or("ck"),
-        ],
-    )?;
+    let mut args: Vec<String> = [
+        "--workers",
+        &w,
+        "--max-steps",
+        &total,
+        "--eval-every",
+        "100000",
+        "--validation-size",
+        "10",
+        "--test-size",
+        "10",
+        "--checkpoint-every",
+        "0",
+        "--checkpoint-url",
+        ck.to_str().unwrap_or("ck"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(tls_args.iter().cloned());
+    let (mut c, url) = start_coordinator(&dir, "coordinator", &args)?;
+    let mut worker_args = vec!["--backend", backend, "--threads", &t];
+    worker_args.extend(tls_args.iter().map(String::as_str));
     let _ws: Vec<Proc> = (0..workers)
-        .map(|i| {
-            start_worker(
-                &dir,
-                &format!("w{i}"),
-                &url,
-                &["--backend", backend, "--threads", &t],
-            )
-        })
+        .map(|i| start_worker(&dir, &format!("w{i}"), &url, &worker_args))
         .collect::<anyhow::Result<_>>()?;
-    let mut client = StatusClient::connect(url).await?;
+    let channel = reader.endpoint(&url)?.connect().await?;
+    let mut client = StatusClient::new(reader.authorize(channel));
     let (mut t0, mut t1, mut bytes) = (None, None, 0.0);
     let deadline = Instant::now() + Duration::from_secs(1800);
     while t1.is_none() && Instant::now() < deadline {
@@ -131,14 +141,19 @@ fn main() -> anyhow::Result<()> {
         let backend: BackendKind = name.parse()?;
         let local1 = local(&data.train, backend, 1, steps)?;
         let local2 = local(&data.train, backend, 2, steps)?;
-        let (d1, bytes1) = rt.block_on(distributed(1, 1, steps, name))?;
-        let (d1t2, _) = rt.block_on(distributed(1, 2, steps, name))?;
-        let (d2, bytes2) = rt.block_on(distributed(2, 1, steps, name))?;
+        let (d1, bytes1) = rt.block_on(distributed(1, 1, steps, name, false))?;
+        let (d1tls, _) = rt.block_on(distributed(1, 1, steps, name, true))?;
+        let (d1t2, _) = rt.block_on(distributed(1, 2, steps, name, false))?;
+        let (d2, bytes2) = rt.block_on(distributed(2, 1, steps, name, false))?;
         println!("[{name}] local loop, 1 thread:        {local1:>8.1} images/s");
         println!("[{name}] local loop, 2 threads:       {local2:>8.1} images/s");
         println!(
             "[{name}] 1 worker x 1 thread:         {d1:>8.1} images/s  ({:.3}x local, 1 thread)",
             d1 / local1
+        );
+        println!(
+            "[{name}] 1 worker x 1 thread, TLS:    {d1tls:>8.1} images/s  ({:.3}x plaintext)",
+            d1tls / d1
         );
         println!(
             "[{name}] 1 worker x 2 threads:        {d1t2:>8.1} images/s  ({:.3}x local, 2 threads)",

@@ -4,6 +4,7 @@
 //! and kills every child on `Drop`.
 
 use anyhow::{Context, Result, bail};
+pub use proto::transport::{AuthChannel, ClientSecurity, Material, Role, SecurityArgs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -420,17 +421,61 @@ pub fn torch_layout(
 
 /// One `GetStatus` call; `None` while the coordinator cannot be reached.
 pub async fn get_status(url: &str) -> Option<proto::StatusReply> {
-    let mut c = proto::status_client::StatusClient::connect(url.to_string())
-        .await
-        .ok()?;
+    get_status_as(url, &ClientSecurity::none()).await
+}
+
+/// [`get_status`] with TLS material or a token.
+pub async fn get_status_as(url: &str, security: &ClientSecurity) -> Option<proto::StatusReply> {
+    let channel = security.endpoint(url).ok()?.connect().await.ok()?;
+    let mut c = proto::status_client::StatusClient::new(security.authorize(channel));
     let reply = c.get_status(proto::GetStatusRequest {}).await.ok()?;
     Some(reply.into_inner())
+}
+
+/// A Trainer client for a test posing as a worker (any message size it likes to send).
+pub async fn trainer_client(
+    url: &str,
+    security: &ClientSecurity,
+) -> Result<proto::trainer_client::TrainerClient<AuthChannel>> {
+    let channel = security.endpoint(url)?.connect().await?;
+    Ok(
+        proto::trainer_client::TrainerClient::new(security.authorize(channel))
+            .max_encoding_message_size(usize::MAX)
+            .max_decoding_message_size(proto::MAX_MESSAGE_BYTES),
+    )
+}
+
+/// Writes the cluster's TLS material and tokens into `dir` with `coordinator certs`.
+pub fn make_certs(dir: &Path) -> Result<PathBuf> {
+    let tls = dir.join("tls");
+    let out = run_with_deadline(
+        Command::new(bin_dir().join("coordinator"))
+            .arg("certs")
+            .arg(&tls),
+        Duration::from_secs(30),
+    )?;
+    anyhow::ensure!(
+        out.status.success(),
+        "coordinator certs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(tls)
+}
+
+/// The material a program of `role` reads from a `coordinator certs` directory.
+pub fn material(tls: &Path, role: Role) -> Material {
+    SecurityArgs {
+        tls_dir: Some(tls.to_path_buf()),
+        ..SecurityArgs::default()
+    }
+    .load(role)
+    .expect("TLS material")
 }
 
 /// Long-polls `GetWork` as a test client registered as `worker_id` until it is handed a task;
 /// panics after a minute.
 pub async fn take_shard(
-    client: &mut proto::trainer_client::TrainerClient<tonic::transport::Channel>,
+    client: &mut proto::trainer_client::TrainerClient<AuthChannel>,
     worker_id: u64,
     incarnation: u64,
 ) -> proto::Task {
@@ -459,9 +504,20 @@ pub async fn wait_status(
     within: Duration,
     f: impl Fn(&proto::StatusReply) -> bool,
 ) -> proto::StatusReply {
+    wait_status_as(url, &ClientSecurity::none(), what, within, f).await
+}
+
+/// [`wait_status`] with TLS material or a token.
+pub async fn wait_status_as(
+    url: &str,
+    security: &ClientSecurity,
+    what: &str,
+    within: Duration,
+    f: impl Fn(&proto::StatusReply) -> bool,
+) -> proto::StatusReply {
     let deadline = Instant::now() + within;
     loop {
-        let s = get_status(url).await;
+        let s = get_status_as(url, security).await;
         if let Some(s) = s.as_ref().filter(|s| f(s)) {
             return s.clone();
         }
@@ -508,6 +564,20 @@ pub fn run_with_deadline(cmd: &mut Command, within: Duration) -> Result<std::pro
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
     })
+}
+
+/// Resident memory of process `pid` in bytes (Linux `/proc`), `None` once it is gone.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; good enough for tests).

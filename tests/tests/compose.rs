@@ -159,8 +159,27 @@ async fn compose_up_trains_survives_a_killed_worker_and_checkpoints_to_s3() {
         println!("image {image}: {:.1} MB", size as f64 / 1e6);
     }
 
-    let url = format!("http://127.0.0.1:{grpc}");
-    let s = wait_status(&url, "step 50", Duration::from_secs(600), |s| s.step >= 50).await;
+    // Secured by default: the material the `certs` service wrote, copied out of its volume,
+    // is what a status client needs; without it the coordinator refuses.
+    let coordinator = cluster.run(&["ps", "-q", "coordinator"], Duration::from_secs(60));
+    let tls = scratch("compose-tls").join("tls");
+    docker(&[
+        "cp",
+        &format!("{}:/tls", coordinator.trim()),
+        tls.to_str().unwrap(),
+    ]);
+    let reader = ClientSecurity::new(&material(&tls, Role::Reader)).unwrap();
+    let url = format!("https://127.0.0.1:{grpc}");
+    let s = wait_status_as(&url, &reader, "step 50", Duration::from_secs(600), |s| {
+        s.step >= 50
+    })
+    .await;
+    assert!(get_status_as(&url, &ClientSecurity::none()).await.is_none());
+    let http_url = format!("http://127.0.0.1:{grpc}");
+    assert!(
+        get_status(&http_url).await.is_none(),
+        "plaintext status answered"
+    );
     assert_eq!(s.live_workers, 4, "{s:?}");
 
     // Kill one worker container: status shows it lost and training goes on.
@@ -171,12 +190,17 @@ async fn compose_up_trains_survives_a_killed_worker_and_checkpoints_to_s3() {
         .expect("a worker container")
         .to_string();
     docker(&["kill", &victim]);
-    let lost = wait_status(&url, "a lost worker", Duration::from_secs(60), |s| {
-        s.workers.iter().any(|w| w.state == "lost")
-    })
-    .await;
-    wait_status(
+    let lost = wait_status_as(
         &url,
+        &reader,
+        "a lost worker",
+        Duration::from_secs(60),
+        |s| s.workers.iter().any(|w| w.state == "lost"),
+    )
+    .await;
+    wait_status_as(
+        &url,
+        &reader,
         "training after the loss",
         Duration::from_secs(300),
         |s| s.step >= lost.step + 10,
@@ -188,15 +212,23 @@ async fn compose_up_trains_survives_a_killed_worker_and_checkpoints_to_s3() {
         Command::new("docker").args(["start", &victim]),
         Duration::from_secs(60),
     );
-    wait_status(&url, "the worker back", Duration::from_secs(120), |s| {
-        s.live_workers == 4 && s.workers.len() >= 5
-    })
+    wait_status_as(
+        &url,
+        &reader,
+        "the worker back",
+        Duration::from_secs(120),
+        |s| s.live_workers == 4 && s.workers.len() >= 5,
+    )
     .await;
 
     // A checkpoint object in the S3 container, listed through its published port.
-    wait_status(&url, "a checkpoint", Duration::from_secs(300), |s| {
-        !s.last_checkpoint.is_empty()
-    })
+    wait_status_as(
+        &url,
+        &reader,
+        "a checkpoint",
+        Duration::from_secs(300),
+        |s| !s.last_checkpoint.is_empty(),
+    )
     .await;
     let list = run_with_deadline(
         Command::new(bin_dir().join("coordinator"))
@@ -222,7 +254,9 @@ async fn compose_up_trains_survives_a_killed_worker_and_checkpoints_to_s3() {
     let logs = cluster.logs("coordinator");
     assert!(logs.contains("Validation Accuracy:"), "{logs}");
     let cli = run_with_deadline(
-        Command::new(bin_dir().join("coordinator")).args(["status", "--coordinator", &url]),
+        Command::new(bin_dir().join("coordinator"))
+            .args(["status", "--coordinator", &url, "--tls-dir"])
+            .arg(&tls),
         Duration::from_secs(30),
     )
     .unwrap();

@@ -4,7 +4,6 @@
 //! `coordinator/src/core.rs`.
 
 use cluster_tests::*;
-use proto::trainer_client::TrainerClient;
 use proto::{
     GetWorkRequest, HeartbeatRequest, NodeGradient, NodeRange, RegisterRequest, RegisterResponse,
     SubmitRequest,
@@ -259,21 +258,38 @@ fn garbage(addr: &str, bytes: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
+    hostile_client("hostile", false).await;
+}
+
+/// The same, through mutual TLS with a token: a client holding valid credentials is refused
+/// exactly as on plaintext.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_kind_of_bad_input_is_refused_through_tls_too() {
+    hostile_client("hostile-tls", true).await;
+}
+
+async fn hostile_client(name: &str, tls: bool) {
     // The first step waits for two workers: the hostile client and a silent accomplice whose
     // shard stays open, so the round is still running when the duplicate arrives. An honest
     // worker joins afterwards and does the training.
-    let dir = scratch("hostile");
-    let (mut c, url) = coordinator(
-        &dir,
-        2,
-        &["--heartbeat-timeout", "3", "--max-bad-inputs", "7"],
-    );
+    let dir = scratch(name);
+    let tls_dir = tls.then(|| make_certs(&dir).unwrap());
+    let tls_args: Vec<String> = tls_dir
+        .iter()
+        .flat_map(|d| ["--tls-dir".to_string(), d.display().to_string()])
+        .collect();
+    let mut extra = vec!["--heartbeat-timeout", "3", "--max-bad-inputs", "7"];
+    extra.extend(tls_args.iter().map(String::as_str));
+    let (mut c, url) = coordinator(&dir, 2, &extra);
+    let (worker_security, reader) = match &tls_dir {
+        Some(d) => (
+            ClientSecurity::worker(&material(d, Role::Worker)).unwrap(),
+            ClientSecurity::new(&material(d, Role::Reader)).unwrap(),
+        ),
+        None => (ClientSecurity::none(), ClientSecurity::none()),
+    };
 
-    let mut client = TrainerClient::connect(url.clone())
-        .await
-        .unwrap()
-        .max_encoding_message_size(usize::MAX)
-        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES);
+    let mut client = trainer_client(&url, &worker_security).await.unwrap();
     let mut refused: Vec<&str> = Vec::new();
 
     // Registration of a worker speaking another protocol, or built for another model.
@@ -454,8 +470,9 @@ async fn every_kind_of_bad_input_is_refused_and_training_goes_on() {
     refused.push("garbage bytes on the port");
 
     // The sender is named in status and in the log; training goes on.
-    let w0 = start_worker(&dir, "worker0", &url, &[]).unwrap();
-    let s = get_status(&url).await.unwrap();
+    let worker_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
+    let w0 = start_worker(&dir, "worker0", &url, &worker_args).unwrap();
+    let s = get_status_as(&url, &reader).await.unwrap();
     let hostile = s.workers.iter().find(|w| w.id == me).unwrap();
     assert_eq!(hostile.state, "quarantined", "{hostile:?}");
     assert_eq!(hostile.bad_inputs, 7, "{hostile:?}");

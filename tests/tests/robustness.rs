@@ -4,7 +4,6 @@
 //! and health says when the job is over. Real processes, real gRPC.
 
 use cluster_tests::*;
-use proto::trainer_client::TrainerClient;
 use proto::{NodeGradient, RegisterRequest, SubmitRequest};
 use std::path::Path;
 use std::process::Command;
@@ -221,11 +220,7 @@ async fn a_gradient_over_the_norm_bound_is_refused_and_changes_nothing() {
         &job(&dir, STEPS, 2, &["--heartbeat-timeout", "1"]),
     )
     .unwrap();
-    let mut client = TrainerClient::connect(url.clone())
-        .await
-        .unwrap()
-        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
+    let mut client = trainer_client(&url, &ClientSecurity::none()).await.unwrap();
     let reg = client
         .register(RegisterRequest {
             protocol_version: proto::PROTOCOL_VERSION,

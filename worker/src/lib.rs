@@ -12,6 +12,7 @@ use common::schedule::Schedule;
 use common::tree::Node;
 use proto::get_work_response::Reply;
 use proto::trainer_client::TrainerClient;
+use proto::transport::{AuthChannel, ClientSecurity, Role, SecurityArgs, TransportError};
 use proto::{
     FailureKind, FailureReport, GetWorkRequest, HeartbeatRequest, NodeGradient, NodeRange,
     RegisterRequest, SubmitRequest, Task,
@@ -19,7 +20,6 @@ use proto::{
 use rand::Rng;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
@@ -71,6 +71,8 @@ pub struct Args {
     /// to the coordinator, which hands the shard to another worker).
     #[arg(long, env = "WORKER_MAX_SHARD_FAILURES", default_value_t = 3)]
     pub max_shard_failures: u32,
+    #[command(flatten)]
+    pub security: SecurityArgs,
     /// Speaks this protocol version (for testing version checks).
     #[arg(long, hide = true, default_value_t = proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,
@@ -103,8 +105,13 @@ impl Args {
         if !(self.connect_timeout > 0.0 && self.reconnect_timeout > 0.0) {
             return Err("--connect-timeout and --reconnect-timeout must be positive".into());
         }
-        Endpoint::from_shared(self.coordinator.clone())
-            .map_err(|e| format!("--coordinator {:?} is not a URL: {e}", self.coordinator))?;
+        let material = self
+            .security
+            .load(Role::Worker)
+            .map_err(|e| e.to_string())?;
+        ClientSecurity::worker(&material)
+            .and_then(|s| s.endpoint(&self.coordinator))
+            .map_err(|e| format!("--coordinator: {e}"))?;
         Ok(())
     }
 }
@@ -122,6 +129,8 @@ pub enum WorkerError {
     Refused(String),
     #[error(transparent)]
     Compute(#[from] common::Error),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
     #[error("bad task from the coordinator: {0}")]
     BadTask(String),
     #[error("the loss or gradient of {0} is NaN or infinite")]
@@ -177,14 +186,12 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Runs until the job ends (Ok), the coordinator stays unreachable, or `shutdown`.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let backend: BackendKind = args.backend.parse()?;
-    let endpoint = Endpoint::from_shared(args.coordinator.clone())
-        .map_err(|e| WorkerError::Refused(e.to_string()))?
+    let security = ClientSecurity::worker(&args.security.load(Role::Worker)?)?;
+    let endpoint = security
+        .endpoint(&args.coordinator)?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(CALL_TIMEOUT)
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(proto::STREAM_WINDOW_BYTES))
-        .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES));
-    let channel = endpoint.connect_lazy();
+        .timeout(CALL_TIMEOUT);
+    let channel = security.authorize(endpoint.connect_lazy());
     let max = proto::MAX_MESSAGE_BYTES;
     let mut client = TrainerClient::new(channel)
         .max_decoding_message_size(max)
@@ -308,7 +315,7 @@ struct Me {
 /// Pulls and computes shards until the job ends (Ok), a call fails, or the device fails too
 /// many shards in a row.
 async fn work(
-    client: &mut TrainerClient<Channel>,
+    client: &mut TrainerClient<AuthChannel>,
     me: Me,
     engine: &Engine,
     health: &mut Health,
@@ -474,7 +481,7 @@ pub fn compute(engine: &Engine, task: &Task) -> Result<Vec<NodeGradient>, Worker
 
 /// Sends heartbeats until `stop`.
 async fn heartbeats(
-    mut client: TrainerClient<Channel>,
+    mut client: TrainerClient<AuthChannel>,
     me: Me,
     every: Duration,
     stop: CancellationToken,
