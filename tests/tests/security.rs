@@ -61,6 +61,29 @@ async fn try_status(url: &str, m: &Material) -> Code {
     }
 }
 
+/// The gRPC code a reflection `ListServices` with `m` gets.
+async fn reflect(url: &str, m: &Material) -> Code {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    let security = ClientSecurity::new(m).expect("client security");
+    let channel = security.endpoint(url).unwrap().connect().await.unwrap();
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let call = ServerReflectionClient::new(security.authorize(channel))
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await;
+    match call {
+        Ok(mut stream) => match stream.get_mut().message().await {
+            Ok(_) => Code::Ok,
+            Err(s) => s.code(),
+        },
+        Err(s) => s.code(),
+    }
+}
+
 /// A worker certificate signed by the cluster CA in `tls` that expired in 2021.
 fn expired_worker_cert(tls: &Path) -> (Vec<u8>, Vec<u8>) {
     let read = |name: &str| std::fs::read_to_string(tls.join(name)).unwrap();
@@ -81,6 +104,21 @@ fn expired_worker_cert(tls: &Path) -> (Vec<u8>, Vec<u8>) {
 async fn a_secured_cluster_trains_exactly_and_refuses_every_intruder() {
     let dir = scratch("secured");
     let tls = make_certs(&dir).unwrap();
+    // Keys and tokens are for their owner's eyes only.
+    for secret in [
+        "ca.key",
+        "coordinator.key",
+        "worker.key",
+        "token",
+        "status-token",
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(tls.join(secret))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{secret}");
+    }
     let other = make_certs(&dir.join("other-ca")).unwrap();
     let tls_flag = tls.display().to_string();
     let ck = dir.join("ck");
@@ -202,6 +240,9 @@ async fn a_secured_cluster_trains_exactly_and_refuses_every_intruder() {
         ..Material::default()
     };
     assert_eq!(try_status(&url, &bare).await, Code::Unauthenticated);
+    // Reflection follows Status's rule.
+    assert_eq!(reflect(&url, &bare).await, Code::Unauthenticated);
+    assert_eq!(reflect(&url, &reader).await, Code::Ok);
     // Health stays open for probes.
     let bare_security = ClientSecurity::new(&bare).unwrap();
     let channel = bare_security
