@@ -240,22 +240,10 @@ impl Engine {
     }
 
     fn split<'p>(&self, params: &'p [f32]) -> Result<Vec<&'p [f32]>, Error> {
-        if params.len() != self.param_count {
-            return Err(Error::ParamCount {
-                expected: self.param_count,
-                got: params.len(),
-            });
-        }
-        let mut rest = params;
-        Ok(self
-            .params
-            .iter()
-            .map(|p| {
-                let (head, tail) = rest.split_at(p.len());
-                rest = tail;
-                head
-            })
-            .collect())
+        crate::model::split_flat(&self.params, params).ok_or(Error::ParamCount {
+            expected: self.param_count,
+            got: params.len(),
+        })
     }
 
     fn dropout_mask(&self, rows: usize, seed: u64, device: &Device) -> Tensor<2> {

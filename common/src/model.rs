@@ -194,6 +194,25 @@ pub struct SummaryRow {
     pub params: usize,
 }
 
+/// Cuts a flat vector into its parameters' pieces, in order: the one walk over the flat layout.
+/// `None` when its length is not the parameters' total.
+pub fn split_flat<'v>(params: &[ParamSpec], flat: &'v [f32]) -> Option<Vec<&'v [f32]>> {
+    if flat.len() != params.iter().map(ParamSpec::len).sum::<usize>() {
+        return None;
+    }
+    let mut rest = flat;
+    Some(
+        params
+            .iter()
+            .map(|p| {
+                let (head, tail) = rest.split_at(p.len());
+                rest = tail;
+                head
+            })
+            .collect(),
+    )
+}
+
 impl ModelSpec {
     pub const SEED: ModelSpec = ModelSpec {
         kind: ModelKind::Seed,

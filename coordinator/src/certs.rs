@@ -3,7 +3,7 @@
 //! coordinator's server certificate, a worker client certificate, a job token and a read-only
 //! status token. Keys and tokens are written with mode 0600.
 
-use crate::config::CertsArgs;
+use crate::args::CertsArgs;
 use proto::transport::files;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,

@@ -414,15 +414,21 @@ fn local(dir: &std::path::Path) -> Result<Arc<dyn ObjectStore>, String> {
 /// The flat vector as safetensors, one tensor per parameter with PyTorch's name and layout.
 fn tensors_blob(model: ModelSpec, flat: &[f32]) -> Result<Vec<u8>, CheckpointError> {
     let specs = model.params();
-    let mut rest = flat;
+    let pieces =
+        common::model::split_flat(&specs, flat).ok_or_else(|| CheckpointError::Corrupt {
+            name: "(new)".into(),
+            reason: format!(
+                "{} values for a model of {} parameters",
+                flat.len(),
+                model.param_count()
+            ),
+        })?;
     let mut owned = Vec::with_capacity(specs.len());
-    for p in &specs {
-        let (head, tail) = rest.split_at(p.len().min(rest.len()));
-        rest = tail;
+    for (p, head) in specs.iter().zip(pieces) {
         owned.push((
             p.name.clone(),
             p.shape.clone(),
-            proto::encode_f32(&p.convert_layout(head, true)),
+            common::codec::encode_f32(&p.convert_layout(head, true)),
         ));
     }
     let views: Vec<(String, TensorView<'_>)> = owned
@@ -454,7 +460,7 @@ pub fn read_tensors(model: ModelSpec, bytes: &[u8]) -> Result<Vec<f32>, String> 
                 p.shape
             ));
         }
-        let values = proto::decode_f32(t.data(), p.len()).map_err(|e| e.to_string())?;
+        let values = common::codec::decode_f32(t.data(), p.len()).map_err(|e| e.to_string())?;
         flat.extend(p.convert_layout(&values, false));
     }
     Ok(flat)

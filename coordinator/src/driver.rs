@@ -3,8 +3,8 @@
 //! SGD, validates, checkpoints and reports. Everything a worker does reaches it through the
 //! round state machine in [`crate::core`].
 
+use crate::args::JobConfig;
 use crate::checkpoint::{CheckpointStore, Metrics};
-use crate::config::JobConfig;
 use crate::loss_watch::LossWatch;
 use crate::state::{HistoryPoint, JobState, Shared, StepData};
 use common::engine::Engine;
@@ -111,7 +111,7 @@ impl Driver {
             let examples = batch.labels.len() as u32;
             let data = StepData {
                 step,
-                params: proto::encode_f32(&state.params).into(),
+                params: common::codec::encode_f32(&state.params).into(),
                 batch,
                 leaves: leaves.clone(),
                 seed: cfg.seed,

@@ -4,21 +4,23 @@
 //! [`run`] is the whole server, started by the thin `main` on its listener; it returns when
 //! training ends (after `--linger`) or `shutdown` is cancelled (after a checkpoint).
 
+pub mod args;
 pub mod certs;
 pub mod checkpoint;
-pub mod cli;
-pub mod config;
 pub mod core;
 pub mod data;
 pub mod driver;
 pub mod loss_watch;
 pub mod metrics;
+pub mod plot;
 pub mod service;
 pub mod state;
 pub mod status;
+pub mod status_client;
+pub mod toolkit;
 
+use crate::args::TrainArgs;
 use crate::checkpoint::CheckpointStore;
-use crate::config::TrainArgs;
 use crate::core::{Core, CoreConfig};
 use crate::driver::{Driver, Outcome};
 use crate::service::TrainerService;

@@ -273,7 +273,7 @@ impl Trainer for TrainerService {
                     };
                     return Err(self.refuse(worker, &address, e));
                 }
-                let values = proto::decode_f32(&g.gradient, n).map_err(|e| {
+                let values = common::codec::decode_f32(&g.gradient, n).map_err(|e| {
                     self.bad_input(
                         worker,
                         &address,

@@ -317,11 +317,8 @@ pub fn latest_params(checkpoints: &Path) -> Result<Vec<NamedTensor>> {
         .tensors()
         .into_iter()
         .map(|(n, t)| {
-            let values = t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let values =
+                common::codec::decode_f32(t.data(), t.data().len() / 4).expect("whole f32 values");
             (n, t.shape().to_vec(), values)
         })
         .collect();
@@ -409,14 +406,13 @@ pub fn torch_layout(
     cfg: &common::train::TrainConfig,
     flat: &[f32],
 ) -> std::collections::BTreeMap<String, Vec<f32>> {
-    let mut rest = flat;
-    let mut out = std::collections::BTreeMap::new();
-    for p in cfg.model.params() {
-        let (head, tail) = rest.split_at(p.len());
-        rest = tail;
-        out.insert(p.name.clone(), p.convert_layout(head, true));
-    }
-    out
+    let params = cfg.model.params();
+    let pieces = common::model::split_flat(&params, flat).expect("a whole parameter vector");
+    params
+        .iter()
+        .zip(pieces)
+        .map(|(p, head)| (p.name.clone(), p.convert_layout(head, true)))
+        .collect()
 }
 
 /// One `GetStatus` call; `None` while the coordinator cannot be reached.

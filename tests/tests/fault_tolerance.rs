@@ -214,7 +214,7 @@ fn register(model: &str, protocol_version: u32) -> RegisterRequest {
 }
 
 fn answer(me: &RegisterResponse, task: &proto::Task, gradient: &[f32]) -> SubmitRequest {
-    let bytes = proto::encode_f32(gradient);
+    let bytes = common::codec::encode_f32(gradient);
     SubmitRequest {
         worker_id: me.worker_id,
         incarnation: me.incarnation,

@@ -73,6 +73,9 @@ pub struct Args {
     pub max_shard_failures: u32,
     #[command(flatten)]
     pub security: SecurityArgs,
+    /// Log lines as text or as JSON objects (for log shippers).
+    #[arg(long, env = "WORKER_LOG_FORMAT", default_value = "text")]
+    pub log_format: common::process::LogFormat,
     /// Speaks this protocol version (for testing version checks).
     #[arg(long, hide = true, default_value_t = proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,
@@ -418,7 +421,7 @@ fn ignore_races(s: Status) -> Result<(), Status> {
 /// Computes a task's node gradients.
 pub fn compute(engine: &Engine, task: &Task) -> Result<Vec<NodeGradient>, WorkerError> {
     let bad = |m: String| WorkerError::BadTask(m);
-    let params = proto::decode_f32(&task.params, engine.param_count())
+    let params = common::codec::decode_f32(&task.params, engine.param_count())
         .map_err(|e| bad(format!("parameters: {e}")))?;
     let total: usize = task.leaf_sizes.iter().map(|&s| s as usize).sum();
     let px = common::mnist::PIXELS;
@@ -472,7 +475,7 @@ pub fn compute(engine: &Engine, task: &Task) -> Result<Vec<NodeGradient>, Worker
             let leaves = (n.lo - first) as usize..(n.hi - first) as usize;
             NodeGradient {
                 node: Some(NodeRange { lo: n.lo, hi: n.hi }),
-                gradient: proto::encode_f32(&sum).into(),
+                gradient: common::codec::encode_f32(&sum).into(),
                 loss_sum: losses[leaves].iter().sum(),
             }
         })

@@ -6,14 +6,7 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let args = worker::Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    common::process::init_logging(args.log_format);
     if let Err(e) = args.validate() {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
@@ -51,7 +44,7 @@ fn main() -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    runtime.spawn(on_signal(shutdown.clone()));
+    runtime.spawn(common::process::cancel_on_signal(shutdown.clone()));
     match runtime.block_on(worker::run(args, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -59,21 +52,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-async fn on_signal(token: CancellationToken) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            token.cancel();
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-    token.cancel();
 }

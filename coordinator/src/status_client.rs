@@ -1,85 +1,11 @@
-//! The coordinator's one-shot subcommands: `summary`, `shape`, `status` and `checkpoints`.
+//! `coordinator status`: the gRPC status client (one-shot text or JSON, `--watch`, `--plot`).
 
-use crate::checkpoint::CheckpointStore;
-use crate::config::StatusArgs;
-use common::model::ModelSpec;
-use common::shapes::{Conv, Padding, Volume};
+use crate::args::StatusArgs;
+use crate::plot::plot_svg;
 use proto::status_client::StatusClient;
 use proto::transport::{AuthChannel, ClientSecurity, Role};
 use proto::{GetHistoryRequest, GetStatusRequest, StatusReply, WatchStatusRequest};
 use std::time::Duration;
-
-/// `summary`: the model's layers like Keras' `model.summary()`.
-pub fn summary(spec: ModelSpec) -> anyhow::Result<()> {
-    print!("{}", summary_table(spec)?);
-    Ok(())
-}
-
-/// The text `summary` prints.
-pub fn summary_table(spec: ModelSpec) -> anyhow::Result<String> {
-    use std::fmt::Write;
-    let rows = spec.summary()?;
-    let width = rows.iter().map(|r| r.layer.len()).max().unwrap_or(5).max(5);
-    let mut out = String::new();
-    writeln!(out, "Model: {spec}")?;
-    writeln!(
-        out,
-        "{:<width$}  {:>12}  {:>12}",
-        "Layer", "Output", "Params"
-    )?;
-    writeln!(out, "{}", "-".repeat(width + 28))?;
-    for r in &rows {
-        writeln!(
-            out,
-            "{:<width$}  {:>12}  {:>12}",
-            r.layer,
-            r.output,
-            group(r.params)
-        )?;
-    }
-    writeln!(out, "{}", "-".repeat(width + 28))?;
-    let total: usize = rows.iter().map(|r| r.params).sum();
-    writeln!(out, "Total params: {}", group(total))?;
-    Ok(out)
-}
-
-/// `shape`: the lecture's quiz for one convolution layer.
-pub fn shape(
-    input: &str,
-    filter: &str,
-    filters: usize,
-    stride: usize,
-    padding: &str,
-) -> anyhow::Result<()> {
-    let input: Volume = input.parse()?;
-    let filter: Volume = filter.parse()?;
-    let padding: Padding = padding.parse()?;
-    let layer = Conv {
-        input,
-        filter: (filter.height, filter.width),
-        filters,
-        stride,
-        padding,
-    };
-    let s = layer.shape()?;
-    println!("output: {}", s.output);
-    println!("parameters with sharing: {}", group(s.params_shared));
-    println!("parameters without sharing: {}", group(s.params_unshared));
-    Ok(())
-}
-
-/// 3274634 -> "3,274,634".
-pub fn group(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
 
 async fn connect(args: &StatusArgs) -> anyhow::Result<StatusClient<AuthChannel>> {
     let timeout = Duration::from_secs_f64(args.timeout_secs);
@@ -273,92 +199,6 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!("{}", status_json(&r));
     } else {
         print!("{}", status_text(&r));
-    }
-    Ok(())
-}
-
-/// An SVG chart of loss (left axis) and validation accuracy (right axis, 0..1) against steps.
-pub fn plot_svg(points: &[proto::HistoryPoint]) -> String {
-    let (w, h, m) = (800.0, 400.0, 50.0);
-    let max_step = points.iter().map(|p| p.step).max().unwrap_or(1).max(1) as f64;
-    let max_loss = points
-        .iter()
-        .map(|p| p.loss)
-        .filter(|l| l.is_finite())
-        .fold(0.0f64, f64::max)
-        .max(1e-9);
-    let x = |s: u64| m + (w - 2.0 * m) * s as f64 / max_step;
-    let y = |v: f64, top: f64| h - m - (h - 2.0 * m) * (v / top).clamp(0.0, 1.0);
-    let line = |pts: Vec<(f64, f64)>| {
-        pts.iter()
-            .map(|(a, b)| format!("{a:.1},{b:.1}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let loss = line(
-        points
-            .iter()
-            .filter(|p| p.loss.is_finite())
-            .map(|p| (x(p.step), y(p.loss, max_loss)))
-            .collect(),
-    );
-    let acc = line(
-        points
-            .iter()
-            .filter(|p| p.validation_accuracy.is_finite())
-            .map(|p| (x(p.step), y(p.validation_accuracy, 1.0)))
-            .collect(),
-    );
-    format!(
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}">
-<rect width="100%" height="100%" fill="white"/>
-<line x1="{m}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/>
-<line x1="{m}" y1="{m}" x2="{m}" y2="{b}" stroke="black"/>
-<line x1="{r}" y1="{m}" x2="{r}" y2="{b}" stroke="black"/>
-<text x="{m}" y="30" font-family="sans-serif" font-size="14">Training loss (red, 0..{max_loss:.3}) and validation accuracy (blue, 0..1) by step (0..{max_step})</text>
-<polyline fill="none" stroke="#c0392b" stroke-width="1.5" points="{loss}"/>
-<polyline fill="none" stroke="#2e86c1" stroke-width="2" points="{acc}"/>
-</svg>
-"##,
-        b = h - m,
-        r = w - m,
-    )
-}
-
-/// `checkpoints`: lists the checkpoints at a URL with their metrics.
-pub async fn checkpoints(url: &str) -> anyhow::Result<()> {
-    let store = CheckpointStore::open(url)?;
-    let names = store.names().await?;
-    if names.is_empty() {
-        println!("no checkpoints at {url}");
-    }
-    for name in names {
-        match store.load(&name).await {
-            Ok((m, _)) => {
-                let size: u64 = m.blobs.values().map(|b| b.bytes).sum();
-                println!(
-                    "{name}  step {}  epoch {}  loss {}  validation {}  test {}  {} bytes  {}",
-                    m.step,
-                    m.epoch + 1,
-                    m.metrics.loss.map_or("-".into(), |v| format!("{v:.4}")),
-                    m.metrics
-                        .validation_accuracy
-                        .map_or("-".into(), |v| format!("{v:.4}")),
-                    m.metrics
-                        .test_accuracy
-                        .map_or("-".into(), |v| format!("{v:.4}")),
-                    size,
-                    m.created
-                );
-            }
-            // Blobs without a manifest are a write that never completed (or a deletion that
-            // stopped half-way): not a checkpoint, and never what `latest` points to.
-            Err(crate::checkpoint::CheckpointError::Store {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => println!("{name}  incomplete (no manifest), ignored"),
-            Err(e) => println!("{name}  unreadable: {e}"),
-        }
     }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! Command-line and environment configuration of the coordinator.
+//! The coordinator's command line (clap): the server's flags and its subcommands.
 //!
 //! Every flag has an environment fallback (`COORDINATOR_*` for the server's own settings) and a
 //! default that works out of the box; [`TrainArgs::validate`] says what to change when a value
@@ -162,6 +162,9 @@ pub struct TrainArgs {
     pub metrics_listen: SocketAddr,
     #[command(flatten)]
     pub security: proto::transport::SecurityArgs,
+    /// Log lines as text or as JSON objects (for log shippers).
+    #[arg(long, env = "COORDINATOR_LOG_FORMAT", default_value = "text")]
+    pub log_format: common::process::LogFormat,
     /// Allow listening beyond loopback without TLS and a token (anyone who reaches the port
     /// can join the job, read the model and poison it).
     #[arg(long, env = "COORDINATOR_INSECURE")]
