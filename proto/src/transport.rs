@@ -185,7 +185,11 @@ impl SecurityArgs {
         let cert = pick(&self.tls_cert, cert_name);
         let key = pick(&self.tls_key, key_name);
         let ca = pick(&self.tls_ca, Some(files::CA));
-        let token = pick(&self.token_file, Some(files::TOKEN));
+        // A reader may hold only the read-only token: the job token is optional for it.
+        let token = self
+            .token_file
+            .clone()
+            .or_else(|| in_dir(files::TOKEN).filter(|p| role != Role::Reader || p.exists()));
         // Optional: a separate read-only token for status.
         let status_token = self
             .status_token_file
@@ -766,6 +770,24 @@ mod tests {
             guard(Audience::Reader, false, None, None).refusal(&req(false, None)),
             None
         );
+    }
+
+    #[test]
+    fn a_reader_needs_only_the_ca_and_the_status_token() {
+        let dir = std::env::temp_dir().join(format!("dtrain-reader-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join(files::CA), "ca").expect("write");
+        std::fs::write(dir.join(files::STATUS_TOKEN), "read-only\n").expect("write");
+        let args = SecurityArgs {
+            tls_dir: Some(dir.clone()),
+            ..SecurityArgs::default()
+        };
+        let m = args.load(Role::Reader).expect("reader material");
+        assert!(m.tls() && m.token.is_none());
+        assert_eq!(m.status_token.as_deref(), Some("read-only"));
+        // A worker cannot go without its certificate and the job token.
+        assert!(args.load(Role::Worker).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
