@@ -30,14 +30,14 @@ use common::engine::{BackendKind, Engine};
 use common::train::TrainState;
 use proto::status_server::StatusServer;
 use proto::trainer_server::TrainerServer;
-use proto::transport::{Guard, Role, ServerSecurity};
+use proto::transport::{Guard, Role, ServerSecurity, check_exposure};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::pb::health_server::HealthServer;
-use tracing::{info, warn};
+use tracing::info;
 
 /// Runs a training job to its end, serving gRPC on `listener`.
 pub async fn run(
@@ -48,7 +48,7 @@ pub async fn run(
     args.validate().map_err(anyhow::Error::msg)?;
     let security = ServerSecurity::new(&args.security.load(Role::Coordinator)?)?;
     let addr = listener.local_addr()?;
-    expose("gRPC", addr, security.is_secured(), args.insecure)?;
+    check_exposure("gRPC", addr, security.is_secured(), args.insecure)?;
     let job = args.job();
     let cfg = job.train.clone();
     let data = Arc::new(data::load(&args.data_dir, args.download, &args.mnist_mirror).await?);
@@ -139,7 +139,7 @@ pub async fn run(
             .await
             .map_err(|e| anyhow::anyhow!("cannot serve metrics on {}: {e}", args.metrics_listen))?;
         let maddr = l.local_addr()?;
-        expose("metrics", maddr, security.tls(), args.insecure)?;
+        check_exposure("metrics", maddr, security.tls(), args.insecure)?;
         let scheme = if security.tls() { "https" } else { "http" };
         info!("metrics listening on {scheme}://{maddr}/metrics");
         Some(tokio::spawn(metrics::serve(
@@ -156,13 +156,7 @@ pub async fn run(
         (security.trainer_guard(), security.reader_guard()),
         server_stop.clone(),
     ));
-    let secured = match (security.tls(), security.is_secured()) {
-        (true, true) => "TLS, client certificates and token",
-        (true, false) => "TLS and client certificates, no token",
-        (false, true) => "token, no TLS",
-        (false, false) => "no TLS, no token",
-    };
-    info!(%addr, security = secured, "coordinator listening on {addr}");
+    info!(%addr, security = security.describe(), "coordinator listening on {addr}");
 
     let driver = Driver {
         shared: shared.clone(),
@@ -200,20 +194,6 @@ pub async fn run(
         let _ = m.await;
     }
     outcome
-}
-
-/// Refuses to serve `what` beyond loopback unsecured, unless `--insecure` (then warns).
-fn expose(
-    what: &str,
-    addr: std::net::SocketAddr,
-    secured: bool,
-    insecure: bool,
-) -> anyhow::Result<()> {
-    proto::transport::check_exposure(what, addr, secured, insecure)?;
-    if !secured && !addr.ip().is_loopback() {
-        warn!(%addr, "--insecure: serving {what} beyond loopback without TLS and a token");
-    }
-    Ok(())
 }
 
 /// Serves the Trainer and Status services, health and reflection on the connections of

@@ -75,17 +75,13 @@ fn core_status(e: CoreError) -> Status {
     }
 }
 
-fn peer<T>(req: &Request<T>) -> String {
-    proto::transport::peer(req).map_or_else(|| "unknown".into(), |p| p.remote.to_string())
-}
-
 #[tonic::async_trait]
 impl Trainer for TrainerService {
     async fn register(
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        let address = peer(&req);
+        let address = proto::transport::peer_name(&req);
         let r = req.into_inner();
         if r.protocol_version != proto::PROTOCOL_VERSION {
             warn!(%address, got = r.protocol_version, "refused worker with another protocol version");
@@ -226,7 +222,7 @@ impl Trainer for TrainerService {
         &self,
         req: Request<Streaming<SubmitRequest>>,
     ) -> Result<Response<SubmitResponse>, Status> {
-        let address = peer(&req);
+        let address = proto::transport::peer_name(&req);
         let mut parts = req.into_inner();
         let Some(first) = parts.message().await? else {
             return Err(Status::invalid_argument("empty submission"));
@@ -327,7 +323,7 @@ impl Trainer for TrainerService {
         &self,
         req: Request<FailureReport>,
     ) -> Result<Response<FailureResponse>, Status> {
-        let address = peer(&req);
+        let address = proto::transport::peer_name(&req);
         let r = req.into_inner();
         let worker = r.worker_id;
         self.check_incarnation(worker, r.incarnation)?;

@@ -180,9 +180,7 @@ impl StatusApi for StatusService {
         &self,
         req: Request<WatchStatusRequest>,
     ) -> Result<Response<StatusStream>, Status> {
-        let peer = proto::transport::peer(&req)
-            .map_or_else(|| "unknown".to_string(), |p| p.remote.to_string());
-        let slot = self.take_watch_slot(peer)?;
+        let slot = self.take_watch_slot(proto::transport::peer_name(&req))?;
         let rate = req.into_inner().max_per_second;
         let rate = if rate.is_finite() && rate > 0.0 {
             rate.clamp(*WATCH_RATES.start(), *WATCH_RATES.end())

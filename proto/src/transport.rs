@@ -190,11 +190,14 @@ impl SecurityArgs {
             .token_file
             .clone()
             .or_else(|| in_dir(files::TOKEN).filter(|p| role != Role::Reader || p.exists()));
-        // Optional: a separate read-only token for status.
-        let status_token = self
-            .status_token_file
-            .clone()
-            .or_else(|| in_dir(files::STATUS_TOKEN).filter(|p| p.exists()));
+        // Optional, and never a worker's: a separate read-only token for status.
+        let status_token = match role {
+            Role::Worker => None,
+            _ => self
+                .status_token_file
+                .clone()
+                .or_else(|| in_dir(files::STATUS_TOKEN).filter(|p| p.exists())),
+        };
         let m = Material {
             cert: cert.as_deref().map(read).transpose()?,
             key: key.as_deref().map(read).transpose()?,
@@ -209,11 +212,6 @@ impl SecurityArgs {
 }
 
 impl Material {
-    /// Loopback-only plaintext: no TLS, no token.
-    pub fn none() -> Self {
-        Material::default()
-    }
-
     fn check(&self, role: Role) -> Result<(), TransportError> {
         if self.cert.is_some() != self.key.is_some() {
             return Err(config("--tls-cert and --tls-key go together"));
@@ -292,6 +290,16 @@ impl ServerSecurity {
 
     pub fn tls(&self) -> bool {
         self.acceptor.is_some()
+    }
+
+    /// What protects the server, for the start-up log line.
+    pub fn describe(&self) -> &'static str {
+        match (self.acceptor.is_some(), self.token.is_some()) {
+            (true, true) => "TLS, client certificates and token",
+            (true, false) => "TLS and client certificates, no token",
+            (false, true) => "token, no TLS",
+            (false, false) => "no TLS, no token",
+        }
     }
 
     /// The check in front of the `Trainer` service.
@@ -441,6 +449,11 @@ pub fn peer<T>(req: &Request<T>) -> Option<ConnInfo> {
     req.extensions().get::<ConnInfo>().copied()
 }
 
+/// The peer's address as logs and status show it ("unknown" off such a server).
+pub fn peer_name<T>(req: &Request<T>) -> String {
+    peer(req).map_or_else(|| "unknown".to_string(), |p| p.remote.to_string())
+}
+
 /// An accepted connection; holds its connection slot until dropped.
 pub struct Conn {
     io: ConnIo,
@@ -585,8 +598,7 @@ impl Interceptor for Guard {
             return Ok(req);
         };
         self.refusals.calls.fetch_add(1, Ordering::Relaxed);
-        let peer = peer(&req).map_or_else(|| "unknown".to_string(), |p| p.remote.to_string());
-        warn!(%peer, why, "refused a call");
+        warn!(peer = peer_name(&req), why, "refused a call");
         Err(Status::unauthenticated(why))
     }
 }
@@ -617,7 +629,7 @@ impl ClientSecurity {
     }
 
     /// A client with `m` (a worker: its certificate and the job token; a reader: the CA and
-    /// the status token, or the job token where there is none).
+    /// the status token, or the job token where there is none; see [`SecurityArgs::load`]).
     pub fn new(m: &Material) -> Result<Self, TransportError> {
         let tls = m.ca.as_ref().map(|ca| {
             let mut cfg = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
@@ -640,19 +652,6 @@ impl ClientSecurity {
             })
             .transpose()?;
         Ok(ClientSecurity { tls, token })
-    }
-
-    /// Like [`ClientSecurity::new`] but sending the job token even where a status token exists.
-    pub fn worker(m: &Material) -> Result<Self, TransportError> {
-        let job = Material {
-            status_token: None,
-            cert: m.cert.clone(),
-            key: m.key.clone(),
-            ca: m.ca.clone(),
-            token: m.token.clone(),
-            server_name: m.server_name.clone(),
-        };
-        ClientSecurity::new(&job)
     }
 
     /// An endpoint for `url` with this security and the cluster's flow-control windows. With
@@ -697,15 +696,19 @@ impl Interceptor for AddToken {
     }
 }
 
-/// Refuses to serve `what` on a non-loopback `addr` without TLS and a token, unless `insecure`
-/// (then it is allowed, and the caller warns).
+/// Refuses to serve `what` on a non-loopback `addr` without TLS and a token (`secured`),
+/// unless `insecure`; then it warns.
 pub fn check_exposure(
     what: &str,
     addr: SocketAddr,
     secured: bool,
     insecure: bool,
 ) -> Result<(), TransportError> {
-    if addr.ip().is_loopback() || secured || insecure {
+    if addr.ip().is_loopback() || secured {
+        return Ok(());
+    }
+    if insecure {
+        warn!(%addr, "--insecure: serving {what} beyond loopback without TLS and a token");
         return Ok(());
     }
     Err(config(format!(

@@ -174,7 +174,13 @@ async fn compose_up_trains_survives_a_killed_worker_and_checkpoints_to_s3() {
         s.step >= 50
     })
     .await;
-    assert!(get_status_as(&url, &ClientSecurity::none()).await.is_none());
+    // TLS without a token or a client certificate is refused (UNAUTHENTICATED).
+    let ca_only = Material {
+        ca: Some(std::fs::read(tls.join("ca.pem")).unwrap()),
+        ..Material::default()
+    };
+    let ca_only = ClientSecurity::new(&ca_only).unwrap();
+    assert!(get_status_as(&url, &ca_only).await.is_none());
     let http_url = format!("http://127.0.0.1:{grpc}");
     assert!(
         get_status(&http_url).await.is_none(),

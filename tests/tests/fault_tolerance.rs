@@ -283,7 +283,7 @@ async fn hostile_client(name: &str, tls: bool) {
     let (mut c, url) = coordinator(&dir, 2, &extra);
     let (worker_security, reader) = match &tls_dir {
         Some(d) => (
-            ClientSecurity::worker(&material(d, Role::Worker)).unwrap(),
+            ClientSecurity::new(&material(d, Role::Worker)).unwrap(),
             ClientSecurity::new(&material(d, Role::Reader)).unwrap(),
         ),
         None => (ClientSecurity::none(), ClientSecurity::none()),

@@ -38,7 +38,7 @@ fn register_request() -> RegisterRequest {
 
 /// The gRPC code one `Register` with `m` gets; `Unavailable` when no connection was made.
 async fn try_register(url: &str, m: &Material) -> Code {
-    let security = ClientSecurity::worker(m).expect("client security");
+    let security = ClientSecurity::new(m).expect("client security");
     match trainer_client(url, &security).await {
         Err(_) => Code::Unavailable,
         Ok(mut c) => match c.register(register_request()).await {

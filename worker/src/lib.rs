@@ -108,12 +108,9 @@ impl Args {
         if !(self.connect_timeout > 0.0 && self.reconnect_timeout > 0.0) {
             return Err("--connect-timeout and --reconnect-timeout must be positive".into());
         }
-        let material = self
-            .security
-            .load(Role::Worker)
-            .map_err(|e| e.to_string())?;
-        ClientSecurity::worker(&material)
-            .and_then(|s| s.endpoint(&self.coordinator))
+        // The TLS material is read once, by `run`.
+        ClientSecurity::none()
+            .endpoint(&self.coordinator)
             .map_err(|e| format!("--coordinator: {e}"))?;
         Ok(())
     }
@@ -189,7 +186,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Runs until the job ends (Ok), the coordinator stays unreachable, or `shutdown`.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let backend: BackendKind = args.backend.parse()?;
-    let security = ClientSecurity::worker(&args.security.load(Role::Worker)?)?;
+    let security = ClientSecurity::new(&args.security.load(Role::Worker)?)?;
     let endpoint = security
         .endpoint(&args.coordinator)?
         .connect_timeout(Duration::from_secs(5))
