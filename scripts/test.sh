@@ -5,8 +5,21 @@
 #   2. the libtorch backend: `--features tch` tests, with libtorch 2.9.0 from PyPI
 #      (scripts/setup-libtorch.sh, into $LIBTORCH_DIR, default .libtorch).
 # One test at a time: the cluster tests each use every core of a 2-core machine.
+#
+# The Kubernetes tests (tests/tests/kubernetes.rs) need ../shared/k8s's single-node cluster:
+# when it is built (../shared/k8s/build.sh, which .ci/run runs) and not running, it is started
+# here and stopped at the end, also on failure; one already running is left as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+k8s_shared="$(cd .. && pwd)/shared/k8s"
+k8s_home="${K8S_HOME:-/var/tmp/k8s-local}"
+kubeconfig="$k8s_home/run/kubeconfig/admin.conf"
+if [[ -x "$k8s_home/bin/kubelet" && -x "$k8s_shared/up.sh" ]] &&
+    ! "$k8s_home/bin/kubectl" --kubeconfig "$kubeconfig" get --raw /readyz > /dev/null 2>&1; then
+    "$k8s_shared/up.sh" > "$k8s_home/up.log" 2>&1 || { tail -30 "$k8s_home/up.log"; exit 1; }
+    trap '"$k8s_shared/down.sh" > "$k8s_home/down.log" 2>&1 || tail -20 "$k8s_home/down.log"' EXIT
+fi
 
 cargo test --workspace -- --test-threads=1
 

@@ -58,6 +58,18 @@ pub enum Command {
     /// coordinator's server certificate, a worker client certificate, a job token and a
     /// read-only status token. A CA already in DIR (ca.pem, ca.key: your own) is reused.
     Certs(CertsArgs),
+    /// Download MNIST into a directory (from --mnist-mirror, when missing) and verify every
+    /// file's SHA-256; the Kubernetes init container.
+    Mnist {
+        #[arg(long, env = "COORDINATOR_DATA_DIR", default_value = "./data/mnist")]
+        data_dir: PathBuf,
+        #[arg(
+            long,
+            env = "COORDINATOR_MNIST_MIRROR",
+            default_value = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+        )]
+        mnist_mirror: String,
+    },
     /// List the checkpoints at a URL.
     Checkpoints {
         #[arg(
@@ -162,6 +174,8 @@ pub struct TrainArgs {
     pub metrics_listen: SocketAddr,
     #[command(flatten)]
     pub security: proto::transport::SecurityArgs,
+    #[command(flatten)]
+    pub launcher: crate::launcher::LauncherArgs,
     /// Log lines as text or as JSON objects (for log shippers).
     #[arg(long, env = "COORDINATOR_LOG_FORMAT", default_value = "text")]
     pub log_format: common::process::LogFormat,
@@ -404,7 +418,10 @@ impl TrainArgs {
         ];
         match checks.into_iter().find(|(bad, _)| *bad) {
             Some((_, msg)) => Err(msg),
-            None => message_sizes_fit(t),
+            None => {
+                self.launcher.validate()?;
+                message_sizes_fit(t)
+            }
         }
     }
 }

@@ -44,11 +44,15 @@ pub fn certs(args: &CertsArgs) -> anyhow::Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    sans.extend([
-        format!("coordinator.{ns}"),
-        format!("coordinator.{ns}.svc"),
-        format!("coordinator.{ns}.svc.cluster.local"),
-    ]);
+    // The Service of deploy/k8s is `dtrain-coordinator`; `coordinator` is kept for other setups.
+    for svc in ["coordinator", "dtrain-coordinator"] {
+        sans.extend([
+            format!("{svc}.{ns}"),
+            format!("{svc}.{ns}.svc"),
+            format!("{svc}.{ns}.svc.cluster.local"),
+        ]);
+    }
+    sans.push("dtrain-coordinator".into());
     sans.extend(args.sans.iter().cloned());
     let days = i64::from(args.days.max(1));
     leaf(

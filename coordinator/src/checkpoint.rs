@@ -94,6 +94,9 @@ const MODEL_BLOB: &str = "model.safetensors";
 const OPTIMIZER_BLOB: &str = "optimizer.safetensors";
 const MANIFEST: &str = "manifest.json";
 const LATEST: &str = "latest";
+/// Written when a job failed for good under a launcher whose Job would re-create the
+/// coordinator; see [`CheckpointStore::mark_failed`].
+const FAILED: &str = "FAILED";
 
 impl CheckpointStore {
     /// Opens `url`: a plain path or `file://` (created if missing), `s3://bucket/prefix`
@@ -236,6 +239,36 @@ impl CheckpointStore {
             warn!(error = %e, "could not delete old checkpoints");
         }
         Ok(name)
+    }
+
+    /// Records why the job failed for good (a worker pod that cannot start, a diverged loss), so
+    /// that a re-created coordinator (a Kubernetes Job's retry) stops at once instead of
+    /// launching the same failing pods again. `--fresh` starts over and clears it.
+    pub async fn mark_failed(&self, why: &str) -> Result<(), CheckpointError> {
+        self.put(FAILED, why.as_bytes().to_vec()).await
+    }
+
+    /// Why the job failed for good, when [`CheckpointStore::mark_failed`] said so.
+    pub async fn failed(&self) -> Result<Option<String>, CheckpointError> {
+        match self.get(FAILED).await {
+            Ok(b) => Ok(Some(String::from_utf8_lossy(&b).trim().to_string())),
+            Err(CheckpointError::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Forgets a failure (`--fresh`).
+    pub async fn clear_failed(&self) -> Result<(), CheckpointError> {
+        match self.store.delete(&self.path(FAILED)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(CheckpointError::Store {
+                path: FAILED.into(),
+                source,
+            }),
+        }
     }
 
     /// Names of the checkpoints with a manifest, oldest first.

@@ -34,6 +34,8 @@ enum Round {
     Interrupted,
     /// Workers found the step's numbers non-finite; the reason.
     Diverged(String),
+    /// The job was failed from outside (the launcher); the reason.
+    Failed(String),
 }
 
 /// How a job ended.
@@ -60,6 +62,9 @@ pub struct Driver {
     pub initial_workers: usize,
     pub min_workers: usize,
     pub worker_wait: Duration,
+    /// Tell workers to exit when the coordinator is interrupted (false when a launcher keeps
+    /// them for the next coordinator to adopt).
+    pub release_on_interrupt: bool,
 }
 
 impl Driver {
@@ -123,6 +128,7 @@ impl Driver {
             let result = match self.wait_for_round(&shutdown).await? {
                 Round::Done(result) => result,
                 Round::Interrupted => return self.interrupt(state, pending_save).await,
+                Round::Failed(why) => return self.fail(&why, pending_save).await,
                 Round::Diverged(why) => {
                     let last = self.shared.status().last_loss;
                     let loss = last.map_or("unknown".into(), |l| {
@@ -260,6 +266,18 @@ impl Driver {
         anyhow::bail!(why)
     }
 
+    /// Ends a job failed from outside (the launcher): state FAILED with the reason, workers
+    /// told to stop, an error for the exit code.
+    async fn fail(&self, why: &str, pending: Option<JoinHandle<()>>) -> anyhow::Result<Outcome> {
+        tracing::error!("{why}");
+        self.set_state(JobState::Failed(why.to_string()));
+        if let Some(h) = pending {
+            let _ = h.await;
+        }
+        self.finish(why);
+        anyhow::bail!(why.to_string())
+    }
+
     /// Waits until `n` workers are live. False when shut down first; an error past the deadline.
     async fn wait_for_workers(
         &self,
@@ -270,6 +288,9 @@ impl Driver {
         let mut changed = self.shared.subscribe();
         let mut said = false;
         loop {
+            if let Some(why) = self.shared.failure() {
+                return self.fail(&why, None).await.map(|_| false);
+            }
             let live = {
                 let mut core = self.shared.core();
                 for id in core.tick(Instant::now()) {
@@ -319,6 +340,9 @@ impl Driver {
                 }
                 if let Some(why) = core.divergence() {
                     return Ok(Round::Diverged(why.to_string()));
+                }
+                if let Some(why) = self.shared.failure() {
+                    return Ok(Round::Failed(why));
                 }
                 (core.take_result(), core.live_workers())
             };
@@ -397,7 +421,12 @@ impl Driver {
             let _ = h.await;
         }
         self.save(&state).await;
-        self.finish("the coordinator is shutting down");
+        if self.release_on_interrupt {
+            self.finish("the coordinator is shutting down");
+        } else {
+            // The workers keep trying to reconnect; the next coordinator adopts them.
+            self.shared.set_step_data(None);
+        }
         Ok(Outcome::Interrupted { step: state.step })
     }
 

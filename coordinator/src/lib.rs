@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod core;
 pub mod data;
 pub mod driver;
+pub mod launcher;
 pub mod loss_watch;
 pub mod metrics;
 pub mod plot;
@@ -23,6 +24,7 @@ use crate::args::TrainArgs;
 use crate::checkpoint::CheckpointStore;
 use crate::core::{Core, CoreConfig};
 use crate::driver::{Driver, Outcome};
+use crate::launcher::{Launcher, LauncherKind, Setup};
 use crate::service::TrainerService;
 use crate::state::{JobState, JobStatus, Shared};
 use crate::status::StatusService;
@@ -62,6 +64,15 @@ pub async fn run(
     let engine = Engine::new(cfg.model, BackendKind::Flex, "cpu", cfg.keep_prob)?;
 
     let store = CheckpointStore::open(&args.checkpoint_url)?;
+    let relaunched = args.launcher.kind() == LauncherKind::Kubernetes;
+    if relaunched && args.fresh {
+        store.clear_failed().await?;
+    } else if relaunched && let Some(why) = store.failed().await? {
+        anyhow::bail!(
+            "this job failed for good earlier ({why}); fix the cause and start it with --fresh (or delete FAILED at {})",
+            store.url()
+        );
+    }
     let mut state = TrainState::new(&cfg);
     let latest = if args.fresh {
         None
@@ -115,6 +126,8 @@ pub async fn run(
         checkpoint_error: None,
         history: Vec::new(),
         step_seconds: Vec::new(),
+        launcher: format!("{:?}", args.launcher.kind()).to_lowercase(),
+        pods: Vec::new(),
     };
     // Heartbeats come three times per deadline, so one lost packet never costs a worker.
     let interval_ms = (heartbeat_timeout.as_millis() / 3).clamp(50, 5_000) as u32;
@@ -158,19 +171,49 @@ pub async fn run(
     ));
     info!(%addr, security = security.describe(), "coordinator listening on {addr}");
 
+    let launcher = match Launcher::start(
+        &args.launcher,
+        Setup {
+            workers: args.workers as u32,
+            min_workers: args.min_workers as u32,
+            listen_port: addr.port(),
+            tls: security.tls(),
+            token: security.has_token(),
+        },
+        shared.clone(),
+    )
+    .await
+    {
+        Ok(l) => l,
+        Err(e) => {
+            server_stop.cancel();
+            return Err(e);
+        }
+    };
+
     let driver = Driver {
         shared: shared.clone(),
         job,
         data,
         engine,
-        store,
+        store: store.clone(),
         checkpoint_every: args.checkpoint_every,
         keep_last: args.keep_last,
         initial_workers: args.workers,
         min_workers: args.min_workers,
         worker_wait: args.worker_wait(),
+        release_on_interrupt: !launcher.workers_outlive_coordinator(),
     };
     let outcome = driver.run(state, shutdown.clone()).await;
+    if relaunched && let Err(e) = &outcome {
+        // The Job would re-create a failed coordinator: the next one must not start over.
+        if let Err(mark) = store.mark_failed(&format!("{e:#}")).await {
+            tracing::warn!(error = %mark, "cannot record the job's failure");
+        }
+    }
+    let interrupted = matches!(outcome, Ok(Outcome::Interrupted { .. }));
+    let adoptable = launcher.workers_outlive_coordinator();
+    launcher.stop(!interrupted).await;
     // The job is over: no more training (the overall status and Trainer say NOT_SERVING), but
     // status stays readable while the server lingers.
     health
@@ -193,7 +236,14 @@ pub async fn run(
     if let Some(m) = metrics {
         let _ = m.await;
     }
-    outcome
+    match outcome {
+        // A Job re-creates a coordinator that failed, not one that succeeded: exit non-zero
+        // so that it does, and the next one resumes and adopts the worker pods.
+        Ok(Outcome::Interrupted { step }) if adoptable => anyhow::bail!(
+            "interrupted at step {step} after a checkpoint; the worker pods are kept for the next coordinator"
+        ),
+        other => other,
+    }
 }
 
 /// Serves the Trainer and Status services, health and reflection on the connections of

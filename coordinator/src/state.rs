@@ -63,6 +63,10 @@ pub struct JobStatus {
     pub checkpoint_error: Option<String>,
     pub history: Vec<HistoryPoint>,
     pub step_seconds: Vec<f64>,
+    /// The launcher in use (`none`, `kubernetes`).
+    pub launcher: String,
+    /// The worker pods the launcher keeps, one row per slot.
+    pub pods: Vec<crate::launcher::WorkerPod>,
 }
 
 /// Everything the handlers and the driver share.
@@ -82,6 +86,8 @@ pub struct Shared {
     pub incarnation: u64,
     /// Connections and calls the transport refused.
     pub refusals: Arc<proto::transport::Refusals>,
+    /// Set when something outside the driver (the launcher) found that the job cannot go on.
+    failure: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -112,6 +118,7 @@ impl Shared {
             max_node_grad_norm,
             incarnation: rand::random::<u64>() | 1,
             refusals,
+            failure: Mutex::new(None),
         })
     }
 
@@ -129,6 +136,29 @@ impl Shared {
 
     pub fn set_step_data(&self, data: Option<Arc<StepData>>) {
         *lock(&self.step_data) = data;
+    }
+
+    /// Fails the job from outside the driver; the driver ends it at its next check.
+    pub fn fail_job(&self, why: impl Into<String>) {
+        lock(&self.failure).get_or_insert(why.into());
+        self.notify();
+    }
+
+    /// Why the job must end, once [`Shared::fail_job`] said so.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.failure).clone()
+    }
+
+    pub fn set_pods(&self, pods: Vec<crate::launcher::WorkerPod>) {
+        let changed = {
+            let mut s = self.status();
+            let changed = s.pods != pods;
+            s.pods = pods;
+            changed
+        };
+        if changed {
+            self.notify();
+        }
     }
 
     /// Wakes everyone waiting for a change.

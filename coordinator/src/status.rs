@@ -156,6 +156,18 @@ pub fn snapshot(shared: &Shared) -> StatusReply {
         last_grad_norm: s.last_grad_norm.unwrap_or(0.0),
         refused_handshakes: shared.refusals.handshakes.load(Ordering::Relaxed),
         refused_calls: shared.refusals.calls.load(Ordering::Relaxed),
+        launcher: s.launcher.clone(),
+        pods: s
+            .pods
+            .iter()
+            .map(|p| proto::WorkerPod {
+                name: p.name.clone(),
+                slot: p.slot,
+                phase: p.phase.clone(),
+                restarts: p.restarts,
+                last_reason: p.last_reason.clone(),
+            })
+            .collect(),
     }
 }
 

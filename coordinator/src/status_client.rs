@@ -79,6 +79,11 @@ pub fn status_json(r: &StatusReply) -> serde_json::Value {
             "bad_inputs": w.bad_inputs, "last_bad_input": w.last_bad_input,
             "shard_failures": w.shard_failures, "last_failure": w.last_failure,
         })).collect::<Vec<_>>(),
+        "launcher": r.launcher,
+        "pods": r.pods.iter().map(|p| serde_json::json!({
+            "name": p.name, "slot": p.slot, "phase": p.phase, "restarts": p.restarts,
+            "last_reason": p.last_reason,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -139,6 +144,20 @@ fn status_text(r: &StatusReply) -> String {
                 w.shard_failures, w.last_failure
             ));
         }
+    }
+    for p in &r.pods {
+        out.push_str(&format!(
+            "  pod {} (slot {}) {} | {} restarts{}\n",
+            p.name,
+            p.slot,
+            p.phase,
+            p.restarts,
+            if p.last_reason.is_empty() {
+                String::new()
+            } else {
+                format!(" | last: {}", p.last_reason)
+            }
+        ));
     }
     out
 }

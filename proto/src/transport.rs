@@ -292,6 +292,11 @@ impl ServerSecurity {
         self.acceptor.is_some()
     }
 
+    /// Trainer calls need the job token.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
     /// What protects the server, for the start-up log line.
     pub fn describe(&self) -> &'static str {
         match (self.acceptor.is_some(), self.token.is_some()) {
@@ -352,6 +357,14 @@ impl ServerSecurity {
                 };
                 let (tx, refusals) = (tx.clone(), refusals.clone());
                 tokio::spawn(async move {
+                    // A connection closed before sending a byte is a port check (a Kubernetes
+                    // tcpSocket probe, a load balancer): no refusal, nothing logged.
+                    let mut first = [0u8; 1];
+                    if let Ok(Ok(0)) =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await
+                    {
+                        return;
+                    }
                     let why =
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => {
