@@ -58,18 +58,9 @@ pub enum Command {
     /// coordinator's server certificate, a worker client certificate, a job token and a
     /// read-only status token. A CA already in DIR (ca.pem, ca.key: your own) is reused.
     Certs(CertsArgs),
-    /// Download MNIST into a directory (from --mnist-mirror, when missing) and verify every
-    /// file's SHA-256; the Kubernetes init container.
-    Mnist {
-        #[arg(long, env = "COORDINATOR_DATA_DIR", default_value = "./data/mnist")]
-        data_dir: PathBuf,
-        #[arg(
-            long,
-            env = "COORDINATOR_MNIST_MIRROR",
-            default_value = "https://storage.googleapis.com/cvdf-datasets/mnist/"
-        )]
-        mnist_mirror: String,
-    },
+    /// Verify the MNIST files in --data-dir (every file's SHA-256), first downloading missing
+    /// ones with --download; the Kubernetes init container.
+    Mnist(MnistArgs),
     /// List the checkpoints at a URL.
     Checkpoints {
         #[arg(
@@ -157,6 +148,23 @@ impl ModelArg {
     }
 }
 
+/// Where MNIST comes from.
+#[derive(Debug, Args, Clone)]
+pub struct MnistArgs {
+    /// Directory with the MNIST files (gzipped or raw).
+    #[arg(long, env = "COORDINATOR_DATA_DIR", default_value = "./data/mnist")]
+    pub data_dir: PathBuf,
+    /// Download missing MNIST files from `--mnist-mirror` (checksums are always verified).
+    #[arg(long, env = "COORDINATOR_DOWNLOAD")]
+    pub download: bool,
+    #[arg(
+        long,
+        env = "COORDINATOR_MNIST_MIRROR",
+        default_value = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+    )]
+    pub mnist_mirror: String,
+}
+
 /// Flags of a training job.
 #[derive(Debug, Args, Clone)]
 pub struct TrainArgs {
@@ -197,18 +205,8 @@ pub struct TrainArgs {
     /// Training pauses (and says why) while fewer workers than this are live.
     #[arg(long, env = "COORDINATOR_MIN_WORKERS", default_value_t = 1)]
     pub min_workers: usize,
-    /// Directory with the MNIST files (gzipped or raw).
-    #[arg(long, env = "COORDINATOR_DATA_DIR", default_value = "./data/mnist")]
-    pub data_dir: PathBuf,
-    /// Download missing MNIST files from `--mnist-mirror` (checksums are always verified).
-    #[arg(long, env = "COORDINATOR_DOWNLOAD")]
-    pub download: bool,
-    #[arg(
-        long,
-        env = "COORDINATOR_MNIST_MIRROR",
-        default_value = "https://storage.googleapis.com/cvdf-datasets/mnist/"
-    )]
-    pub mnist_mirror: String,
+    #[command(flatten)]
+    pub mnist: MnistArgs,
     /// Hyperparameter preset; explicit flags override it.
     #[arg(long, env = "COORDINATOR_PRESET", default_value = "default")]
     pub preset: Preset,

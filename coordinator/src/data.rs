@@ -1,16 +1,18 @@
 //! Finding MNIST: the directory given, or a download from a public mirror into it. Every file
 //! is checked against its SHA-256 whichever way it arrived.
 
+use crate::args::MnistArgs;
 use common::mnist::{self, FILES, Mnist};
 use std::path::Path;
 use tracing::info;
 
-/// Loads MNIST from `dir`, first downloading missing files from `mirror` when `download` is set.
-pub async fn load(dir: &Path, download: bool, mirror: &str) -> anyhow::Result<Mnist> {
-    if download {
-        fetch_missing(dir, mirror).await?;
+/// Loads MNIST from `--data-dir`, first downloading missing files from `--mnist-mirror` when
+/// `--download` is set.
+pub async fn load(args: &MnistArgs) -> anyhow::Result<Mnist> {
+    if args.download {
+        fetch_missing(&args.data_dir, &args.mnist_mirror).await?;
     }
-    let dir = dir.to_path_buf();
+    let dir = args.data_dir.clone();
     Ok(tokio::task::spawn_blocking(move || mnist::load(&dir)).await??)
 }
 

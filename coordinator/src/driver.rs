@@ -34,7 +34,7 @@ enum Round {
     Interrupted,
     /// Workers found the step's numbers non-finite; the reason.
     Diverged(String),
-    /// The job was failed from outside (the launcher); the reason.
+    /// The job cannot go on (no worker for too long, or the launcher said so); the reason.
     Failed(String),
 }
 
@@ -257,17 +257,11 @@ impl Driver {
             "diverged at step {} (loss {loss}); lower --lr or add --clip-grad-norm ({detail})",
             step + 1
         );
-        tracing::error!("{why}");
-        self.set_state(JobState::Failed(why.clone()));
-        if let Some(h) = pending {
-            let _ = h.await;
-        }
-        self.finish(&why);
-        anyhow::bail!(why)
+        self.fail(&why, pending).await
     }
 
-    /// Ends a job failed from outside (the launcher): state FAILED with the reason, workers
-    /// told to stop, an error for the exit code.
+    /// Ends a failed job: state FAILED with the reason, workers told to stop, an error for the
+    /// exit code. No checkpoint is written (the periodic ones stand).
     async fn fail(&self, why: &str, pending: Option<JoinHandle<()>>) -> anyhow::Result<Outcome> {
         tracing::error!("{why}");
         self.set_state(JobState::Failed(why.to_string()));
@@ -314,9 +308,7 @@ impl Driver {
                 _ = shutdown.cancelled() => return Ok(false),
                 _ = tokio::time::sleep_until(deadline) => {
                     let why = format!("gave up after {:?}: only {live} of {n} workers live", self.worker_wait);
-                    self.set_state(JobState::Failed(why.clone()));
-                    self.finish(&why);
-                    anyhow::bail!(why);
+                    return self.fail(&why, None).await.map(|_| false);
                 }
                 _ = changed.changed() => {}
                 _ = tokio::time::sleep(TICK) => {}
@@ -354,10 +346,10 @@ impl Driver {
                 let since = *starved_since.get_or_insert_with(tokio::time::Instant::now);
                 self.set_state(JobState::WaitingForWorkers("no live workers".into()));
                 if since.elapsed() > self.worker_wait {
-                    let why = format!("no live worker for {:?}", self.worker_wait);
-                    self.set_state(JobState::Failed(why.clone()));
-                    self.finish(&why);
-                    anyhow::bail!(why);
+                    return Ok(Round::Failed(format!(
+                        "no live worker for {:?}",
+                        self.worker_wait
+                    )));
                 }
             } else if starved_since.take().is_some() {
                 self.set_state(JobState::Running);

@@ -53,21 +53,23 @@ pub async fn run(
     check_exposure("gRPC", addr, security.is_secured(), args.insecure)?;
     let job = args.job();
     let cfg = job.train.clone();
-    let data = Arc::new(data::load(&args.data_dir, args.download, &args.mnist_mirror).await?);
+    let data = Arc::new(data::load(&args.mnist).await?);
     info!(
         train = data.train.len(),
         validation = data.validation.len(),
         test = data.test.len(),
-        dir = %args.data_dir.display(),
+        dir = %args.mnist.data_dir.display(),
         "MNIST loaded and verified"
     );
     let engine = Engine::new(cfg.model, BackendKind::Flex, "cpu", cfg.keep_prob)?;
 
     let store = CheckpointStore::open(&args.checkpoint_url)?;
-    let relaunched = args.launcher.kind() == LauncherKind::Kubernetes;
-    if relaunched && args.fresh {
+    // Under the Kubernetes launcher a Job re-creates this coordinator when it fails or is
+    // deleted, and its worker pods outlive it for the next one to adopt.
+    let in_job = args.launcher.kind() == LauncherKind::Kubernetes;
+    if in_job && args.fresh {
         store.clear_failed().await?;
-    } else if relaunched && let Some(why) = store.failed().await? {
+    } else if in_job && let Some(why) = store.failed().await? {
         anyhow::bail!(
             "this job failed for good earlier ({why}); fix the cause and start it with --fresh (or delete FAILED at {})",
             store.url()
@@ -202,17 +204,16 @@ pub async fn run(
         initial_workers: args.workers,
         min_workers: args.min_workers,
         worker_wait: args.worker_wait(),
-        release_on_interrupt: !launcher.workers_outlive_coordinator(),
+        release_on_interrupt: !in_job,
     };
     let outcome = driver.run(state, shutdown.clone()).await;
-    if relaunched && let Err(e) = &outcome {
+    if in_job && let Err(e) = &outcome {
         // The Job would re-create a failed coordinator: the next one must not start over.
         if let Err(mark) = store.mark_failed(&format!("{e:#}")).await {
             tracing::warn!(error = %mark, "cannot record the job's failure");
         }
     }
     let interrupted = matches!(outcome, Ok(Outcome::Interrupted { .. }));
-    let adoptable = launcher.workers_outlive_coordinator();
     launcher.stop(!interrupted).await;
     // The job is over: no more training (the overall status and Trainer say NOT_SERVING), but
     // status stays readable while the server lingers.
@@ -239,7 +240,7 @@ pub async fn run(
     match outcome {
         // A Job re-creates a coordinator that failed, not one that succeeded: exit non-zero
         // so that it does, and the next one resumes and adopts the worker pods.
-        Ok(Outcome::Interrupted { step }) if adoptable => anyhow::bail!(
+        Ok(Outcome::Interrupted { step }) if in_job => anyhow::bail!(
             "interrupted at step {step} after a checkpoint; the worker pods are kept for the next coordinator"
         ),
         other => other,

@@ -29,20 +29,15 @@ async fn main() -> ExitCode {
         }) => coordinator::toolkit::shape(&input, &filter, filters, stride, &padding),
         Some(Command::Status(args)) => coordinator::status_client::status(args).await,
         Some(Command::Certs(args)) => coordinator::certs::certs(&args),
-        Some(Command::Mnist {
-            data_dir,
-            mnist_mirror,
-        }) => coordinator::data::load(&data_dir, true, &mnist_mirror)
-            .await
-            .map(|m| {
-                println!(
-                    "MNIST verified in {}: {} training, {} validation, {} test images",
-                    data_dir.display(),
-                    m.train.len(),
-                    m.validation.len(),
-                    m.test.len()
-                )
-            }),
+        Some(Command::Mnist(args)) => coordinator::data::load(&args).await.map(|m| {
+            println!(
+                "MNIST verified in {}: {} training, {} validation, {} test images",
+                args.data_dir.display(),
+                m.train.len(),
+                m.validation.len(),
+                m.test.len()
+            )
+        }),
         Some(Command::Checkpoints { checkpoint_url }) => {
             coordinator::toolkit::checkpoints(&checkpoint_url).await
         }

@@ -75,8 +75,13 @@ fn kubectl_json(kc: &Path, args: &[&str]) -> Value {
 }
 
 /// The images of deploy/Dockerfile (`prebuilt` target: the host-built binaries), made as the
-/// compose test makes them.
+/// compose test makes them, once per test run.
 fn images() {
+    static MADE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    MADE.get_or_init(make_images);
+}
+
+fn make_images() {
     let weed = std::env::var_os("DTRAIN_WEED").expect("DTRAIN_WEED");
     let prepare = run_with_deadline(
         Command::new(repo().join("deploy/ci/prepare-images.sh"))
@@ -107,6 +112,22 @@ fn images() {
     assert!(build.status.success(), "{build:?}");
 }
 
+/// The Secret's files, made once into deploy/k8s/base/tls (git-ignored) as the README says.
+fn certs() -> PathBuf {
+    let tls = repo().join("deploy/k8s/base/tls");
+    if !tls.join("token").exists() {
+        let out = run_with_deadline(
+            Command::new(bin_dir().join("coordinator"))
+                .arg("certs")
+                .arg(&tls),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    tls
+}
+
 /// One applied job in its own namespace, deleted (with everything in it) when dropped.
 struct Job {
     kc: PathBuf,
@@ -119,18 +140,7 @@ impl Job {
     /// Renders the test overlay with these settings and applies it in a fresh namespace.
     fn apply(kc: &Path, name: &str, steps: u64, max_failures: u32, bad_flag: bool) -> Job {
         let ns = format!("dtrain-{name}-{}", std::process::id());
-        // The Secret's files: made once into deploy/k8s/base/tls (git-ignored), as the README says.
-        let tls = repo().join("deploy/k8s/base/tls");
-        if !tls.join("token").exists() {
-            let out = run_with_deadline(
-                Command::new(bin_dir().join("coordinator"))
-                    .arg("certs")
-                    .arg(&tls),
-                Duration::from_secs(60),
-            )
-            .unwrap();
-            assert!(out.status.success(), "{out:?}");
-        }
+        let tls = certs();
         let checkpoints = scratch(&format!("k8s-{name}")).join("checkpoints");
         std::fs::create_dir_all(&checkpoints).unwrap();
         // The pods run as uid 10001.
@@ -183,15 +193,24 @@ impl Job {
         kubectl(&self.kc, &all)
     }
 
-    /// Worker pods not on their way out.
-    fn workers(&self) -> Vec<Value> {
+    /// Every worker pod, also those on their way out.
+    fn all_workers(&self) -> Vec<Value> {
         self.get(&["pods", "-l", "app.kubernetes.io/component=worker"])["items"]
             .as_array()
             .unwrap()
-            .iter()
-            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
-            .cloned()
-            .collect()
+            .clone()
+    }
+
+    /// Worker pods not on their way out.
+    fn workers(&self) -> Vec<Value> {
+        let mut pods = self.all_workers();
+        pods.retain(|p| p["metadata"]["deletionTimestamp"].is_null());
+        pods
+    }
+
+    /// Waits until no worker pod is left, not even a terminating one.
+    fn wait_no_workers(&self, what: &str, within: Duration) {
+        self.wait(what, within, |j| j.all_workers().is_empty().then_some(()));
     }
 
     fn coordinator_pods(&self) -> Vec<Value> {
@@ -404,13 +423,7 @@ async fn kubernetes_job_launches_replaces_adopts_and_cleans_up_its_worker_pods()
     assert!(most <= 4, "{most} worker pods at once");
     let pods = job.coordinator_pods();
     assert!(pods.iter().any(|p| phase_of(p) == "Succeeded"), "{pods:?}");
-    job.wait("no worker pod left", Duration::from_secs(60), |j| {
-        j.get(&["pods", "-l", "app.kubernetes.io/component=worker"])["items"]
-            .as_array()
-            .unwrap()
-            .is_empty()
-            .then_some(())
-    });
+    job.wait_no_workers("no worker pod left", Duration::from_secs(60));
 
     // 2 and 4: bit-identical to a fault-free run of the same seed.
     let reference = local_reference(&default_config(STEPS), STEPS);
@@ -499,14 +512,13 @@ async fn kubernetes_worker_pods_that_keep_failing_fail_the_job_after_the_cap() {
             (name.contains("-worker-") && e["reason"] == "Scheduled").then(|| name.to_string())
         })
         .collect();
+    // The first 4 were scheduled (the events are there); the cap stopped the churn.
     assert!(
-        created.len() <= 4 + 4,
+        (4..=8).contains(&created.len()),
         "{} worker pods scheduled: {created:?}",
         created.len()
     );
-    job.wait("no worker pod left", Duration::from_secs(60), |j| {
-        j.workers().is_empty().then_some(())
-    });
+    job.wait_no_workers("no worker pod left", Duration::from_secs(60));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -519,16 +531,9 @@ async fn kubernetes_deleting_the_job_removes_its_worker_pods() {
     });
     job.kubectl(&["delete", "job", "dtrain", "--wait=false"])
         .unwrap();
-    job.wait(
+    job.wait_no_workers(
         "the garbage collector to remove the worker pods",
         Duration::from_secs(120),
-        |j| {
-            j.get(&["pods", "-l", "app.kubernetes.io/component=worker"])["items"]
-                .as_array()
-                .unwrap()
-                .is_empty()
-                .then_some(())
-        },
     );
 }
 
@@ -550,15 +555,7 @@ fn kubernetes_manifests_validate_offline_in_strict_mode() {
         );
         return;
     };
-    let tls = repo().join("deploy/k8s/base/tls");
-    if !tls.join("token").exists() {
-        let made = Command::new(bin_dir().join("coordinator"))
-            .arg("certs")
-            .arg(&tls)
-            .output()
-            .unwrap();
-        assert!(made.status.success(), "{made:?}");
-    }
+    certs();
     let dir = scratch("k8s-validate");
     for overlay in ["", "gpu", "test"] {
         let out = Command::new(&kubectl)

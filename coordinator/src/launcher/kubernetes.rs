@@ -5,7 +5,7 @@
 //! Permissions used (deploy/k8s/rbac.yaml): pods get, list, watch, create, delete; pods/log get.
 
 use super::plan::{self, Action, Observed, Phase, Policy, Supervisor};
-use super::{LauncherArgs, WorkerPod};
+use super::{LauncherArgs, Setup};
 use crate::state::Shared;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
@@ -37,7 +37,6 @@ const TLS_MOUNT: &str = "/tls";
 /// What the launcher learned at start and keeps for each pod it builds.
 pub struct Kubernetes {
     pods: Api<Pod>,
-    job: String,
     template: Pod,
     owner: OwnerReference,
     policy: Policy,
@@ -53,13 +52,7 @@ pub struct Join {
 
 impl Kubernetes {
     /// Connects with the in-cluster configuration and reads the coordinator's own pod.
-    pub async fn connect(
-        args: &LauncherArgs,
-        workers: u32,
-        min_workers: u32,
-        listen_port: u16,
-        join: impl FnOnce(Option<String>, u16) -> anyhow::Result<Join>,
-    ) -> anyhow::Result<Self> {
+    pub async fn connect(args: &LauncherArgs, setup: &Setup) -> anyhow::Result<Self> {
         let client = kube::Client::try_default()
             .await
             .map_err(|e| anyhow::anyhow!("--launcher kubernetes: no cluster configuration: {e}"))?;
@@ -79,7 +72,7 @@ impl Kubernetes {
                 .as_str(),
         );
         let pod_ip = me.status.as_ref().and_then(|s| s.pod_ip.clone());
-        let join = join(pod_ip, listen_port)?;
+        let join = setup.join(args, pod_ip)?;
         let mine = me
             .spec
             .as_ref()
@@ -110,27 +103,26 @@ impl Kubernetes {
                 gpus: args.worker_gpus,
                 join,
                 job: job.clone(),
-                service_account: None,
             },
         );
         let policy = Policy {
-            workers,
-            min_workers,
-            max_failures: args.max_worker_pod_failures(workers),
+            job,
+            workers: setup.workers,
+            min_workers: setup.min_workers,
+            max_failures: args.max_worker_pod_failures(setup.workers),
             pending_timeout: Duration::from_secs_f64(args.worker_pending_timeout),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             stable_after: Duration::from_secs(30),
         };
         info!(
-            job,
+            job = policy.job,
             owner = format!("{}/{}", owner.kind, owner.name),
-            workers,
+            workers = setup.workers,
             "launching worker pods (Kubernetes)"
         );
         Ok(Kubernetes {
             pods,
-            job,
             template,
             owner,
             policy,
@@ -139,7 +131,7 @@ impl Kubernetes {
     }
 
     fn selector(&self) -> String {
-        format!("{JOB_LABEL}={},{COMPONENT_LABEL}=worker", self.job)
+        format!("{JOB_LABEL}={},{COMPONENT_LABEL}=worker", self.policy.job)
     }
 
     /// Watches the job's worker pods and keeps `--workers` of them until `stop`; a job that
@@ -195,7 +187,7 @@ impl Kubernetes {
                     return;
                 }
             }
-            shared.set_pods(sup.rows().into_iter().map(WorkerPod::from).collect());
+            shared.set_pods(sup.rows());
             if let Some(why) = decision.fail {
                 shared.fail_job(why);
                 return;
@@ -287,11 +279,7 @@ impl Kubernetes {
     fn pod(&self, slot: u32, attempt: u32) -> Pod {
         let mut pod = self.template.clone();
         let meta = &mut pod.metadata;
-        meta.name = Some(format!(
-            "{}-{}",
-            self.job,
-            plan::pod_name_suffix(slot, attempt)
-        ));
+        meta.name = Some(plan::pod_name(&self.policy.job, slot, attempt));
         meta.generate_name = None;
         let labels = meta.labels.get_or_insert_with(BTreeMap::new);
         labels.insert(SLOT_LABEL.into(), slot.to_string());
@@ -366,7 +354,6 @@ pub struct WorkerSpec {
     pub gpus: u32,
     pub join: Join,
     pub job: String,
-    pub service_account: Option<String>,
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
@@ -400,9 +387,6 @@ pub fn worker_template(mut pod: Pod, w: &WorkerSpec) -> Pod {
     // The launcher replaces a failed pod itself, after reading why it failed.
     spec.restart_policy = Some("Never".into());
     spec.automount_service_account_token = Some(false);
-    if spec.service_account_name.is_none() {
-        spec.service_account_name = w.service_account.clone();
-    }
     spec.security_context
         .get_or_insert_with(|| PodSecurityContext {
             run_as_non_root: Some(true),
@@ -618,7 +602,6 @@ mod tests {
                 secret: secret.then(|| ("dtrain-tls".into(), vec!["ca.pem", "token"])),
             },
             job: "mnist".into(),
-            service_account: None,
         }
     }
 

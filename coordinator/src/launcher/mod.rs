@@ -9,6 +9,8 @@
 pub mod kubernetes;
 pub mod plan;
 
+pub use plan::WorkerPod;
+
 use crate::state::Shared;
 use clap::{Args, ValueEnum};
 use proto::transport::files;
@@ -168,28 +170,6 @@ fn in_cluster() -> bool {
         && std::path::Path::new(SA_DIR).join("token").exists()
 }
 
-/// One worker pod as status shows it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkerPod {
-    pub name: String,
-    pub slot: u32,
-    pub phase: String,
-    pub restarts: u32,
-    pub last_reason: String,
-}
-
-impl From<plan::PodRow> for WorkerPod {
-    fn from(r: plan::PodRow) -> Self {
-        WorkerPod {
-            name: r.name,
-            slot: r.slot,
-            phase: r.phase,
-            restarts: r.restarts,
-            last_reason: r.last_reason,
-        }
-    }
-}
-
 /// A running launcher: `None` starts nothing.
 pub enum Launcher {
     None,
@@ -211,6 +191,36 @@ pub struct Setup {
     pub token: bool,
 }
 
+impl Setup {
+    /// How worker pods join: the URL (see [`LauncherArgs::worker_url`]) and, when the
+    /// coordinator uses TLS or a token, the keys of the Secret they mount.
+    fn join(
+        &self,
+        args: &LauncherArgs,
+        pod_ip: Option<String>,
+    ) -> anyhow::Result<kubernetes::Join> {
+        let scheme = if self.tls { "https" } else { "http" };
+        let mut keys = Vec::new();
+        if self.tls {
+            keys.extend([files::CA, files::WORKER_CERT, files::WORKER_KEY]);
+        }
+        if self.token {
+            keys.push(files::TOKEN);
+        }
+        let secret = match (&args.worker_secret, keys.is_empty()) {
+            (_, true) => None,
+            (Some(s), false) => Some((s.clone(), keys)),
+            (None, false) => anyhow::bail!(
+                "the coordinator uses TLS or a token: give --worker-secret (the Secret made from `coordinator certs`) so that worker pods can join"
+            ),
+        };
+        Ok(kubernetes::Join {
+            url: args.worker_url(scheme, pod_ip, self.listen_port)?,
+            secret,
+        })
+    }
+}
+
 impl Launcher {
     /// Starts the launcher `args` choose; worker pods are created right away.
     pub async fn start(
@@ -221,45 +231,10 @@ impl Launcher {
         if args.kind() == LauncherKind::None {
             return Ok(Launcher::None);
         }
-        let join = |pod_ip: Option<String>, port: u16| -> anyhow::Result<kubernetes::Join> {
-            let scheme = if setup.tls { "https" } else { "http" };
-            let mut keys = Vec::new();
-            if setup.tls {
-                keys.extend([files::CA, files::WORKER_CERT, files::WORKER_KEY]);
-            }
-            if setup.token {
-                keys.push(files::TOKEN);
-            }
-            let secret = match (&args.worker_secret, keys.is_empty()) {
-                (_, true) => None,
-                (Some(s), false) => Some((s.clone(), keys)),
-                (None, false) => anyhow::bail!(
-                    "the coordinator uses TLS or a token: give --worker-secret (the Secret made from `coordinator certs`) so that worker pods can join"
-                ),
-            };
-            Ok(kubernetes::Join {
-                url: args.worker_url(scheme, pod_ip, port)?,
-                secret,
-            })
-        };
-        let k8s = Arc::new(
-            kubernetes::Kubernetes::connect(
-                args,
-                setup.workers,
-                setup.min_workers,
-                setup.listen_port,
-                join,
-            )
-            .await?,
-        );
+        let k8s = Arc::new(kubernetes::Kubernetes::connect(args, &setup).await?);
         let stop = CancellationToken::new();
         let task = tokio::spawn(k8s.clone().supervise(shared, stop.clone()));
         Ok(Launcher::Kubernetes { k8s, task, stop })
-    }
-
-    /// Whether the workers outlive a coordinator that stops: pods the next coordinator adopts.
-    pub fn workers_outlive_coordinator(&self) -> bool {
-        matches!(self, Launcher::Kubernetes { .. })
     }
 
     /// Stops supervising. When the job is over (finished or failed, not interrupted), the

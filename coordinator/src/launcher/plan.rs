@@ -47,6 +47,8 @@ pub struct Observed {
 /// What the launcher is asked to keep.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// The job's id: the prefix of its pod names.
+    pub job: String,
     pub workers: u32,
     pub min_workers: u32,
     pub max_failures: u32,
@@ -71,9 +73,9 @@ pub enum Action {
     },
 }
 
-/// A pod's row in status.
+/// A worker pod as status shows it, one per slot.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PodRow {
+pub struct WorkerPod {
     pub slot: u32,
     pub name: String,
     pub phase: String,
@@ -313,14 +315,14 @@ impl Supervisor {
 
     /// The rows status shows, one per slot: its newest pod seen, else the one being created,
     /// else an empty slot waiting out the backoff.
-    pub fn rows(&self) -> Vec<PodRow> {
-        let mut rows: BTreeMap<u32, PodRow> = (0..self.policy.workers)
+    pub fn rows(&self) -> Vec<WorkerPod> {
+        let mut rows: BTreeMap<u32, WorkerPod> = (0..self.policy.workers)
             .map(|slot| {
                 let created = self.expected.keys().find(|(s, _)| *s == slot);
-                let row = PodRow {
+                let row = WorkerPod {
                     slot,
                     name: created
-                        .map(|(s, a)| pod_name_suffix(*s, *a))
+                        .map(|(s, a)| pod_name(&self.policy.job, *s, *a))
                         .unwrap_or_default(),
                     phase: if created.is_some() {
                         "Creating"
@@ -354,7 +356,7 @@ impl Supervisor {
                     .unwrap_or_default();
                 rows.insert(
                     p.slot,
-                    PodRow {
+                    WorkerPod {
                         slot: p.slot,
                         name: p.name.clone(),
                         phase,
@@ -393,9 +395,9 @@ impl Supervisor {
     }
 }
 
-/// The part of a worker pod's name after the job's prefix.
-pub fn pod_name_suffix(slot: u32, attempt: u32) -> String {
-    format!("worker-{slot}-{attempt}")
+/// The name of the worker pod of `job`'s `slot`, attempt `attempt`.
+pub fn pod_name(job: &str, slot: u32, attempt: u32) -> String {
+    format!("{job}-worker-{slot}-{attempt}")
 }
 
 #[cfg(test)]
@@ -404,6 +406,7 @@ mod tests {
 
     fn policy() -> Policy {
         Policy {
+            job: "j".into(),
             workers: 4,
             min_workers: 1,
             max_failures: 3,
@@ -416,7 +419,7 @@ mod tests {
 
     fn pod(slot: u32, attempt: u32, phase: Phase) -> Observed {
         Observed {
-            name: pod_name_suffix(slot, attempt),
+            name: pod_name("j", slot, attempt),
             slot,
             attempt,
             phase,
@@ -487,12 +490,12 @@ mod tests {
         let d = s.observe(&pods, t);
         assert_eq!(
             d.lost,
-            vec![("worker-1-0".into(), "OOMKilled (exit code 137)".into())]
+            vec![("j-worker-1-0".into(), "OOMKilled (exit code 137)".into())]
         );
         assert_eq!(
             d.actions,
             vec![Action::Delete {
-                name: "worker-1-0".into(),
+                name: "j-worker-1-0".into(),
                 lost: true
             }]
         );
@@ -601,7 +604,7 @@ mod tests {
             pod(4, 0, Phase::Running),
         ];
         let d = s.observe(&pods, Instant::now());
-        assert_eq!(deletes(&d), vec!["worker-0-1", "worker-4-0"]);
+        assert_eq!(deletes(&d), vec!["j-worker-0-1", "j-worker-4-0"]);
         assert!(creates(&d).is_empty() && d.lost.is_empty());
     }
 
