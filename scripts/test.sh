@@ -21,7 +21,15 @@ if [[ -x "$k8s_home/bin/kubelet" && -x "$k8s_shared/up.sh" ]] &&
     trap '"$k8s_shared/down.sh" > "$k8s_home/down.log" 2>&1 || tail -20 "$k8s_home/down.log"' EXIT
 fi
 
-cargo test --workspace -- --test-threads=1
+# Every test binary's time goes into $report, printed at the end (the suite-time report).
+report="$(mktemp)"
+summary() {
+    echo "== suite time by test binary (seconds)"
+    awk '/ Running /{name=$2} /^test result:/{sub("s$", "", $NF); if ($NF > 0.05) printf "%8.1f  %s\n", $NF, name}' "$report" | sort -rn
+    echo "   in all: $SECONDS s"
+}
+
+cargo test --workspace -- --test-threads=1 2>&1 | tee -a "$report"
 
 libtorch="${LIBTORCH_DIR:-.libtorch}"
 scripts/setup-libtorch.sh "$libtorch"
@@ -30,4 +38,5 @@ source "$libtorch/env.sh"
 # Built exactly as the test harness builds the binaries (all targets, these features), so
 # nothing compiles twice; the filter runs the libtorch tests only (tests/tests/tch.rs, common/src/torch.rs).
 cargo test --workspace --all-targets --features cluster-tests/tch,coordinator/tch,worker/tch \
-    -- --test-threads=1 libtorch_
+    -- --test-threads=1 libtorch_ 2>&1 | tee -a "$report"
+summary

@@ -1,14 +1,15 @@
 //! The one codec for flat f32 vectors: little-endian bytes, 4 per value. It is the wire form
 //! of every tensor in the protocol (parameters, gradients) and the data of every checkpoint
-//! tensor (safetensors F32).
+//! tensor (safetensors F32). Encoding is one `memcpy` on little-endian machines (`bytemuck`;
+//! 3.5x faster than value by value); decoding value by value already runs at copy speed (the
+//! compiler vectorises it; `cargo run -p cluster-tests --example step_checks` measures both).
 
 /// Encodes f32 values as little-endian bytes, the wire form of every tensor.
 pub fn encode_f32(values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
+    if cfg!(target_endian = "little") {
+        return bytemuck::cast_slice(values).to_vec();
     }
-    out
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 /// Decodes little-endian f32 bytes, refusing a length that is not `expected` values.

@@ -102,15 +102,6 @@ impl ParamSpec {
         self.len() == 0
     }
 
-    /// The shape as held in the flat vector (`[in, out]` for transposed dense weights).
-    pub fn stored_shape(&self) -> Vec<usize> {
-        if self.transposed {
-            self.shape.iter().rev().copied().collect()
-        } else {
-            self.shape.clone()
-        }
-    }
-
     /// Converts this parameter between the flat vector's layout and PyTorch's.
     /// `to_torch` picks the direction; non-transposed parameters are copied as they are.
     pub fn convert_layout(&self, values: &[f32], to_torch: bool) -> Vec<f32> {
@@ -417,7 +408,7 @@ mod layout_tests {
             .into_iter()
             .find(|p| p.name == "fc2.weight")
             .unwrap();
-        assert_eq!(p.stored_shape(), vec![1024, 10]);
+        assert!(p.transposed && p.shape == [10, 1024]);
         let stored: Vec<f32> = (0..p.len()).map(|i| i as f32).collect();
         let torch = p.convert_layout(&stored, true);
         // torch[o][i] == stored[i][o]

@@ -61,6 +61,29 @@ impl TrainConfig {
         let by_epochs = self.epochs * self.schedule(train_len).steps_per_epoch();
         self.max_steps.map_or(by_epochs, |m| m.min(by_epochs))
     }
+
+    /// What a resumed run must share with the checkpoint it resumes: everything but how long
+    /// to train, the learning rate and clipping (those may change on resume: to extend a run,
+    /// or to go on from a diverged one with a lower rate).
+    pub fn identity(&self) -> TrainConfig {
+        TrainConfig {
+            epochs: 0,
+            max_steps: None,
+            lr: 0.0,
+            clip_grad_norm: None,
+            ..self.clone()
+        }
+    }
+
+    /// The job's default name, its checkpoint folder: the model and a digest of its
+    /// [`identity`](Self::identity), e.g. `seed-3f2a9c1e`. Jobs that could resume each other's
+    /// checkpoints share it; others do not collide.
+    pub fn job_name(&self) -> String {
+        use sha2::Digest;
+        let json = serde_json::to_vec(&self.identity()).expect("a config serializes");
+        let digest = hex::encode(sha2::Sha256::digest(json));
+        format!("{}-{}", self.model.kind, &digest[..8])
+    }
 }
 
 /// Parameters, optimizer state and the number of steps applied so far.
@@ -207,4 +230,28 @@ pub fn train_local(
         local_step(cfg, engine, &mut batcher, &mut state)?;
     }
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_that_can_resume_each_other_share_a_name_and_others_do_not() {
+        let base = TrainConfig::DEFAULT;
+        let name = base.job_name();
+        assert!(
+            name.starts_with("seed-") && name.len() == "seed-".len() + 8,
+            "{name}"
+        );
+        let longer = TrainConfig {
+            epochs: 10,
+            max_steps: Some(5),
+            lr: 0.01,
+            ..base.clone()
+        };
+        assert_eq!(longer.job_name(), name);
+        let other = TrainConfig { seed: 2, ..base };
+        assert_ne!(other.job_name(), name);
+    }
 }

@@ -61,7 +61,7 @@ pub enum Command {
     /// Verify the MNIST files in --data-dir (every file's SHA-256), first downloading missing
     /// ones with --download; the Kubernetes init container.
     Mnist(MnistArgs),
-    /// List the checkpoints at a URL.
+    /// List the checkpoints at a URL (by default each job's under ./checkpoints).
     Checkpoints {
         #[arg(
             long,
@@ -243,13 +243,12 @@ pub struct TrainArgs {
     /// Test images used for the final accuracy (of 10,000).
     #[arg(long, env = "COORDINATOR_TEST_SIZE")]
     pub test_size: Option<usize>,
-    /// Where checkpoints go: a path, file://, s3://bucket/prefix, gs://, az://.
-    #[arg(
-        long,
-        env = "COORDINATOR_CHECKPOINT_URL",
-        default_value = "./checkpoints"
-    )]
-    pub checkpoint_url: String,
+    /// Where checkpoints go: a path, file://, s3://bucket/prefix, gs://, az://. Default:
+    /// `./checkpoints/<job>`, the job named by its model and a digest of the settings a resume
+    /// must share (e.g. `./checkpoints/seed-3f2a9c1e`): the same job started again resumes,
+    /// a different one gets a folder of its own.
+    #[arg(long, env = "COORDINATOR_CHECKPOINT_URL")]
+    pub checkpoint_url: Option<String>,
     /// Checkpoint every N steps (also at each epoch end, at the end and on shutdown); 0: never
     /// periodically.
     #[arg(long, env = "COORDINATOR_CHECKPOINT_EVERY", default_value_t = 200)]

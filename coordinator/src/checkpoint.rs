@@ -397,17 +397,12 @@ impl Manifest {
     pub fn check_compatible(&self, name: &str, cfg: &TrainConfig) -> Result<(), CheckpointError> {
         // How long to train, the learning rate and clipping may change on resume (the remedy
         // for a diverged job: resume from the last good checkpoint with a lower --lr).
-        let mut theirs = self.config.clone();
-        theirs.epochs = cfg.epochs;
-        theirs.max_steps = cfg.max_steps;
-        theirs.lr = cfg.lr;
-        theirs.clip_grad_norm = cfg.clip_grad_norm;
         let reason = if self.config.model != cfg.model {
             Some(format!(
                 "it holds model {}, this job trains {}",
                 self.config.model, cfg.model
             ))
-        } else if theirs != *cfg {
+        } else if self.config.identity() != cfg.identity() {
             Some(format!(
                 "it was made with {:?}, this job has {:?}",
                 self.config, cfg

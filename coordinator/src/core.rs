@@ -730,6 +730,14 @@ mod tests {
     }
 
     #[test]
+    fn a_silent_worker_is_lost_right_after_its_deadline_and_not_before() {
+        let t0 = Instant::now();
+        let (mut c, ids) = cluster(1, t0);
+        assert!(c.tick(t0 + 3 * SECOND).is_empty());
+        assert_eq!(c.tick(t0 + 3 * SECOND + SECOND / 1000), vec![ids[0]]);
+    }
+
+    #[test]
     fn a_worker_lost_during_a_step_has_its_shard_redone_by_another() {
         let t0 = Instant::now();
         let (mut c, ids) = cluster(2, t0);

@@ -196,7 +196,11 @@ impl Driver {
                 if accuracy.is_some() {
                     s.last_validation_accuracy = accuracy;
                 }
-                s.step_seconds.push(elapsed);
+                if s.recent_step_seconds.len() == crate::state::RECENT_STEPS {
+                    s.recent_step_seconds.pop_front();
+                }
+                s.recent_step_seconds.push_back(elapsed);
+                self.shared.metrics.step_seconds.observe(elapsed);
                 let rate = f64::from(examples) / elapsed.max(1e-9);
                 s.images_per_sec = if s.images_per_sec == 0.0 {
                     rate
@@ -289,6 +293,7 @@ impl Driver {
                 let mut core = self.shared.core();
                 for id in core.tick(Instant::now()) {
                     warn!(worker = id, "worker lost (missed its heartbeat deadline)");
+                    self.shared.metrics.workers_lost.inc();
                 }
                 core.live_workers()
             };
@@ -329,6 +334,7 @@ impl Driver {
                         worker = id,
                         "worker lost (missed its heartbeat deadline); its shard goes to another worker"
                     );
+                    self.shared.metrics.workers_lost.inc();
                 }
                 if let Some(why) = core.divergence() {
                     return Ok(Round::Diverged(why.to_string()));

@@ -63,7 +63,11 @@ pub async fn run(
     );
     let engine = Engine::new(cfg.model, BackendKind::Flex, "cpu", cfg.keep_prob)?;
 
-    let store = CheckpointStore::open(&args.checkpoint_url)?;
+    let checkpoint_url = args
+        .checkpoint_url
+        .clone()
+        .unwrap_or_else(|| format!("./checkpoints/{}", cfg.job_name()));
+    let store = CheckpointStore::open(&checkpoint_url)?;
     // Under the Kubernetes launcher a Job re-creates this coordinator when it fails or is
     // deleted, and its worker pods outlive it for the next one to adopt.
     let in_job = args.launcher.kind() == LauncherKind::Kubernetes;
@@ -127,7 +131,7 @@ pub async fn run(
         last_checkpoint: None,
         checkpoint_error: None,
         history: Vec::new(),
-        step_seconds: Vec::new(),
+        recent_step_seconds: Default::default(),
         launcher: format!("{:?}", args.launcher.kind()).to_lowercase(),
         pods: Vec::new(),
     };

@@ -1,10 +1,18 @@
-//! The Prometheus text endpoint (`GET /metrics` on `--metrics-listen`). Every value is read from
-//! the same snapshot `GetStatus` serves, so the two always agree.
+//! The Prometheus endpoint (`GET /metrics` on `--metrics-listen`), encoded by
+//! `prometheus-client` in the OpenMetrics text format. The step-time histogram and the
+//! lost-worker counter are observed as things happen ([`Metrics`]); everything else is read at
+//! each scrape from the same snapshot `GetStatus` serves ([`StatusCollector`]), so the two
+//! always agree. A value not known yet (the loss before the first step) is left out.
 
 use crate::state::Shared;
 use crate::status::snapshot;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use proto::transport::Conn;
-use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -13,118 +21,145 @@ use tokio_util::sync::CancellationToken;
 /// Upper bounds (seconds) of the step-latency histogram buckets.
 const BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
 
-/// Renders the metrics in the Prometheus text exposition format.
-pub fn render(shared: &Shared) -> String {
-    let s = snapshot(shared);
-    let steps: Vec<f64> = shared.status().step_seconds.clone();
-    let failures: u64 = s.workers.iter().map(|w| w.failures).sum();
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, kind: &str, value: f64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    };
-    gauge(
-        "dtrain_step",
-        "Steps applied so far.",
-        "gauge",
-        s.step as f64,
-    );
-    gauge(
-        "dtrain_epoch",
-        "Current epoch (1-based).",
-        "gauge",
-        s.epoch as f64,
-    );
-    gauge(
-        "dtrain_total_steps",
-        "Steps the job will run.",
-        "gauge",
-        s.total_steps as f64,
-    );
-    gauge(
-        "dtrain_loss",
-        "Training loss of the last step.",
-        "gauge",
-        s.last_loss,
-    );
-    gauge(
-        "dtrain_validation_accuracy",
-        "Last validation accuracy.",
-        "gauge",
-        s.last_validation_accuracy,
-    );
-    gauge(
-        "dtrain_images_per_second",
-        "Training throughput (moving average).",
-        "gauge",
-        s.images_per_sec,
-    );
-    gauge(
-        "dtrain_live_workers",
-        "Workers currently live.",
-        "gauge",
-        s.live_workers as f64,
-    );
-    gauge(
-        "dtrain_examples_seen_total",
-        "Training examples processed.",
-        "counter",
-        s.examples_seen as f64,
-    );
-    gauge(
-        "dtrain_gradient_bytes_received_total",
-        "Gradient bytes received from workers.",
-        "counter",
-        s.bytes_received as f64,
-    );
-    gauge(
-        "dtrain_task_bytes_sent_total",
-        "Parameter and image bytes sent to workers.",
-        "counter",
-        s.bytes_sent as f64,
-    );
-    gauge(
-        "dtrain_worker_failures_total",
-        "Times a worker was declared lost.",
-        "counter",
-        failures as f64,
-    );
-    gauge(
-        "dtrain_bad_inputs_total",
-        "Submissions refused as bad input.",
-        "counter",
-        s.bad_inputs as f64,
-    );
-    gauge(
-        "dtrain_refused_handshakes_total",
-        "Connections refused at the TLS handshake.",
-        "counter",
-        s.refused_handshakes as f64,
-    );
-    gauge(
-        "dtrain_refused_calls_total",
-        "Calls refused as unauthenticated.",
-        "counter",
-        s.refused_calls as f64,
-    );
-    let _ = writeln!(
-        out,
-        "# HELP dtrain_step_seconds Wall time of a training step.\n# TYPE dtrain_step_seconds histogram"
-    );
-    for le in BUCKETS {
-        let n = steps.iter().filter(|&&t| t <= le).count();
-        let _ = writeln!(out, "dtrain_step_seconds_bucket{{le=\"{le}\"}} {n}");
+/// What is counted as it happens (the driver observes; the endpoint reads).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Wall time of each training step.
+    pub step_seconds: Histogram,
+    /// Workers declared lost (missed heartbeats).
+    pub workers_lost: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            step_seconds: Histogram::new(BUCKETS),
+            workers_lost: Counter::default(),
+        }
     }
-    let _ = writeln!(
-        out,
-        "dtrain_step_seconds_bucket{{le=\"+Inf\"}} {}",
-        steps.len()
+}
+
+/// The registry the endpoint encodes.
+pub fn registry(shared: Arc<Shared>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register(
+        "dtrain_step_seconds",
+        "Wall time of a training step",
+        shared.metrics.step_seconds.clone(),
     );
-    let _ = writeln!(out, "dtrain_step_seconds_sum {}", steps.iter().sum::<f64>());
-    let _ = writeln!(out, "dtrain_step_seconds_count {}", steps.len());
+    registry.register(
+        "dtrain_worker_failures",
+        "Times a worker was declared lost",
+        shared.metrics.workers_lost.clone(),
+    );
+    registry.register_collector(Box::new(StatusCollector(shared)));
+    registry
+}
+
+/// Renders the metrics in the OpenMetrics text format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
     out
+}
+
+/// The status values, read from the `GetStatus` snapshot at each scrape.
+pub struct StatusCollector(Arc<Shared>);
+
+impl std::fmt::Debug for StatusCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatusCollector")
+    }
+}
+
+impl Collector for StatusCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = snapshot(&self.0);
+        let gauges = [
+            ("dtrain_step", "Steps applied so far", Some(s.step as f64)),
+            (
+                "dtrain_epoch",
+                "Current epoch (1-based)",
+                Some(s.epoch as f64),
+            ),
+            (
+                "dtrain_total_steps",
+                "Steps the job will run",
+                Some(s.total_steps as f64),
+            ),
+            ("dtrain_loss", "Training loss of the last step", s.last_loss),
+            (
+                "dtrain_validation_accuracy",
+                "Last validation accuracy",
+                s.last_validation_accuracy,
+            ),
+            (
+                "dtrain_images_per_second",
+                "Training throughput (moving average)",
+                Some(s.images_per_sec),
+            ),
+            (
+                "dtrain_live_workers",
+                "Workers currently live",
+                Some(s.live_workers as f64),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(v) = value {
+                let gauge = ConstGauge::new(v);
+                gauge.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    gauge.metric_type(),
+                )?)?;
+            }
+        }
+        // Totals kept by the coordinator since it started; encoded with the `_total` suffix.
+        let counters = [
+            (
+                "dtrain_examples_seen",
+                "Training examples processed",
+                s.examples_seen,
+            ),
+            (
+                "dtrain_gradient_bytes_received",
+                "Gradient bytes received from workers",
+                s.bytes_received,
+            ),
+            (
+                "dtrain_task_bytes_sent",
+                "Parameter and image bytes sent to workers",
+                s.bytes_sent,
+            ),
+            (
+                "dtrain_bad_inputs",
+                "Submissions refused as bad input",
+                s.bad_inputs,
+            ),
+            (
+                "dtrain_refused_handshakes",
+                "Connections refused at the TLS handshake",
+                s.refused_handshakes,
+            ),
+            (
+                "dtrain_refused_calls",
+                "Calls refused as unauthenticated",
+                s.refused_calls,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
 }
 
 /// Serves `/metrics` on the connections of `incoming` (plain or TLS, see
@@ -135,17 +170,18 @@ pub async fn serve(
     local: SocketAddr,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    let registry = Arc::new(registry(shared));
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let shared = shared.clone();
+            let registry = registry.clone();
             async move {
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )],
-                    render(&shared),
+                    render(&registry),
                 )
             }
         }),

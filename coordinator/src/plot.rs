@@ -1,49 +1,95 @@
-//! The loss and validation-accuracy chart `coordinator status --plot FILE` writes.
+//! The loss and validation-accuracy chart `coordinator status --plot FILE` writes (SVG, drawn
+//! with `plotters`): steps on the x axis, the training loss on the left axis, the validation
+//! accuracy (0..1) on the right one, ticks, axis labels and a legend.
 
-/// An SVG chart of loss (left axis) and validation accuracy (right axis, 0..1) against steps.
-pub fn plot_svg(points: &[proto::HistoryPoint]) -> String {
-    let (w, h, m) = (800.0, 400.0, 50.0);
-    let max_step = points.iter().map(|p| p.step).max().unwrap_or(1).max(1) as f64;
+use plotters::prelude::*;
+
+const LOSS: RGBColor = RGBColor(0xc0, 0x39, 0x2b);
+const ACCURACY: RGBColor = RGBColor(0x2e, 0x86, 0xc1);
+
+/// The chart of `points` as an SVG document.
+pub fn plot_svg(points: &[proto::HistoryPoint]) -> anyhow::Result<String> {
+    let mut svg = String::new();
+    draw(points, &mut svg).map_err(|e| anyhow::anyhow!("cannot draw the chart: {e}"))?;
+    Ok(svg)
+}
+
+fn draw(
+    points: &[proto::HistoryPoint],
+    svg: &mut String,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let max_step = points.iter().map(|p| p.step).max().unwrap_or(0).max(1);
     let max_loss = points
         .iter()
         .map(|p| p.loss)
         .filter(|l| l.is_finite())
-        .fold(0.0f64, f64::max)
-        .max(1e-9);
-    let x = |s: u64| m + (w - 2.0 * m) * s as f64 / max_step;
-    let y = |v: f64, top: f64| h - m - (h - 2.0 * m) * (v / top).clamp(0.0, 1.0);
-    let line = |pts: Vec<(f64, f64)>| {
-        pts.iter()
-            .map(|(a, b)| format!("{a:.1},{b:.1}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let loss = line(
-        points
-            .iter()
-            .filter(|p| p.loss.is_finite())
-            .map(|p| (x(p.step), y(p.loss, max_loss)))
-            .collect(),
-    );
-    let acc = line(
-        points
-            .iter()
-            .filter(|p| p.validation_accuracy.is_finite())
-            .map(|p| (x(p.step), y(p.validation_accuracy, 1.0)))
-            .collect(),
-    );
-    format!(
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}">
-<rect width="100%" height="100%" fill="white"/>
-<line x1="{m}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/>
-<line x1="{m}" y1="{m}" x2="{m}" y2="{b}" stroke="black"/>
-<line x1="{r}" y1="{m}" x2="{r}" y2="{b}" stroke="black"/>
-<text x="{m}" y="30" font-family="sans-serif" font-size="14">Training loss (red, 0..{max_loss:.3}) and validation accuracy (blue, 0..1) by step (0..{max_step})</text>
-<polyline fill="none" stroke="#c0392b" stroke-width="1.5" points="{loss}"/>
-<polyline fill="none" stroke="#2e86c1" stroke-width="2" points="{acc}"/>
-</svg>
-"##,
-        b = h - m,
-        r = w - m,
-    )
+        .fold(0.0f64, f64::max);
+    let max_loss = if max_loss > 0.0 { max_loss * 1.05 } else { 1.0 };
+    let root = SVGBackend::with_string(svg, (800, 450)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Training loss and validation accuracy", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .right_y_label_area_size(55)
+        .build_cartesian_2d(0u64..max_step, 0f64..max_loss)?
+        .set_secondary_coord(0u64..max_step, 0f64..1f64);
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("training loss")
+        .draw()?;
+    chart
+        .configure_secondary_axes()
+        .y_desc("validation accuracy")
+        .draw()?;
+    let loss = points
+        .iter()
+        .filter(|p| p.loss.is_finite())
+        .map(|p| (p.step, p.loss));
+    chart
+        .draw_series(LineSeries::new(loss, LOSS.stroke_width(2)))?
+        .label("training loss")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], LOSS.stroke_width(2)));
+    let accuracy = points
+        .iter()
+        .filter_map(|p| Some((p.step, p.validation_accuracy?)));
+    chart
+        .draw_secondary_series(LineSeries::new(accuracy, ACCURACY.stroke_width(2)))?
+        .label("validation accuracy")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], ACCURACY.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chart_has_axes_labels_a_legend_and_both_series() {
+        let points: Vec<proto::HistoryPoint> = (0..=20)
+            .map(|step| proto::HistoryPoint {
+                step,
+                loss: 2.3 / (1.0 + step as f64),
+                validation_accuracy: (step % 10 == 0).then_some(0.1 + 0.04 * step as f64),
+            })
+            .collect();
+        let svg = plot_svg(&points).unwrap();
+        assert!(svg.starts_with("<svg"), "{svg}");
+        for text in ["step", "training loss", "validation accuracy"] {
+            assert!(svg.contains(text), "no {text:?} in the chart");
+        }
+        // One polyline per series (the legend's samples are paths too).
+        assert!(svg.matches("<polyline").count() >= 2, "{svg}");
+        // An empty history still gives a chart (with its axes), not an error.
+        assert!(plot_svg(&[]).unwrap().contains("step"));
+    }
 }

@@ -30,6 +30,9 @@ pub enum JobState {
     Failed(String),
 }
 
+/// Steps the ETA averages over.
+pub const RECENT_STEPS: usize = 20;
+
 /// One point of the training history.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HistoryPoint {
@@ -62,7 +65,8 @@ pub struct JobStatus {
     pub last_checkpoint: Option<String>,
     pub checkpoint_error: Option<String>,
     pub history: Vec<HistoryPoint>,
-    pub step_seconds: Vec<f64>,
+    /// Wall times of the last [`RECENT_STEPS`] steps (for the ETA).
+    pub recent_step_seconds: std::collections::VecDeque<f64>,
     /// The launcher in use (`none`, `kubernetes`).
     pub launcher: String,
     /// The worker pods the launcher keeps, one row per slot.
@@ -88,6 +92,8 @@ pub struct Shared {
     pub refusals: Arc<proto::transport::Refusals>,
     /// Set when something outside the driver (the launcher) found that the job cannot go on.
     failure: Mutex<Option<String>>,
+    /// What the Prometheus endpoint counts as it happens.
+    pub metrics: crate::metrics::Metrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -119,6 +125,7 @@ impl Shared {
             incarnation: rand::random::<u64>() | 1,
             refusals,
             failure: Mutex::new(None),
+            metrics: crate::metrics::Metrics::default(),
         })
     }
 

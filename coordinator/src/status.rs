@@ -123,12 +123,8 @@ pub fn snapshot(shared: &Shared) -> StatusReply {
     } else {
         s.step as f64 / s.total_steps as f64
     };
-    let recent = &s.step_seconds[s.step_seconds.len().saturating_sub(20)..];
-    let per_step = if recent.is_empty() {
-        0.0
-    } else {
-        recent.iter().sum::<f64>() / recent.len() as f64
-    };
+    let recent = &s.recent_step_seconds;
+    let per_step = (!recent.is_empty()).then(|| recent.iter().sum::<f64>() / recent.len() as f64);
     StatusReply {
         state: state as i32,
         reason,
@@ -137,11 +133,10 @@ pub fn snapshot(shared: &Shared) -> StatusReply {
         total_steps: s.total_steps,
         examples_seen: s.examples_seen,
         progress,
-        eta_secs: per_step * s.total_steps.saturating_sub(s.step) as f64,
-        last_loss: s.last_loss.unwrap_or(f64::NAN),
-        last_validation_accuracy: s.last_validation_accuracy.unwrap_or(f64::NAN),
-        has_test_accuracy: s.test_accuracy.is_some(),
-        test_accuracy: s.test_accuracy.unwrap_or(f64::NAN),
+        eta_secs: per_step.map(|t| t * s.total_steps.saturating_sub(s.step) as f64),
+        last_loss: s.last_loss,
+        last_validation_accuracy: s.last_validation_accuracy,
+        test_accuracy: s.test_accuracy,
         learning_rate: s.learning_rate,
         images_per_sec: s.images_per_sec,
         workers,
@@ -153,7 +148,7 @@ pub fn snapshot(shared: &Shared) -> StatusReply {
         bytes_received: s.gradient_bytes_received,
         bad_inputs: s.bad_inputs,
         warning: s.warning.clone().unwrap_or_default(),
-        last_grad_norm: s.last_grad_norm.unwrap_or(0.0),
+        last_grad_norm: s.last_grad_norm,
         refused_handshakes: shared.refusals.handshakes.load(Ordering::Relaxed),
         refused_calls: shared.refusals.calls.load(Ordering::Relaxed),
         launcher: s.launcher.clone(),
@@ -242,7 +237,7 @@ impl StatusApi for StatusService {
                 .map(|p| HistoryPoint {
                     step: p.step,
                     loss: p.loss,
-                    validation_accuracy: p.validation_accuracy.unwrap_or(f64::NAN),
+                    validation_accuracy: p.validation_accuracy,
                 })
                 .collect(),
         }))

@@ -2,9 +2,11 @@
 
 use crate::args::StatusArgs;
 use crate::plot::plot_svg;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use proto::status_client::StatusClient;
 use proto::transport::{AuthChannel, ClientSecurity, Role};
 use proto::{GetHistoryRequest, GetStatusRequest, StatusReply, WatchStatusRequest};
+use std::io::IsTerminal;
 use std::time::Duration;
 
 async fn connect(args: &StatusArgs) -> anyhow::Result<StatusClient<AuthChannel>> {
@@ -36,14 +38,6 @@ fn state_name(s: i32) -> &'static str {
     }
 }
 
-fn opt(v: f64) -> serde_json::Value {
-    if v.is_finite() {
-        v.into()
-    } else {
-        serde_json::Value::Null
-    }
-}
-
 /// The status as JSON for scripts.
 pub fn status_json(r: &StatusReply) -> serde_json::Value {
     serde_json::json!({
@@ -56,9 +50,9 @@ pub fn status_json(r: &StatusReply) -> serde_json::Value {
         "examples_seen": r.examples_seen,
         "progress": r.progress,
         "eta_secs": r.eta_secs,
-        "loss": opt(r.last_loss),
-        "validation_accuracy": opt(r.last_validation_accuracy),
-        "test_accuracy": if r.has_test_accuracy { opt(r.test_accuracy) } else { serde_json::Value::Null },
+        "loss": r.last_loss,
+        "validation_accuracy": r.last_validation_accuracy,
+        "test_accuracy": r.test_accuracy,
         "learning_rate": r.learning_rate,
         "images_per_sec": r.images_per_sec,
         "live_workers": r.live_workers,
@@ -87,17 +81,14 @@ pub fn status_json(r: &StatusReply) -> serde_json::Value {
     })
 }
 
+/// A value that may not be measured yet ("-").
+fn shown(v: Option<f64>) -> String {
+    v.map_or("-".to_string(), |v| format!("{v:.4}"))
+}
+
 fn status_text(r: &StatusReply) -> String {
-    // NaN on the wire means "not measured yet".
-    let shown = |v: f64| {
-        if v.is_nan() {
-            "-".to_string()
-        } else {
-            format!("{v:.4}")
-        }
-    };
     let mut out = format!(
-        "{}{} model {} | epoch {} step {}/{} ({:.1}%) | loss {} | validation {} | {:.0} images/s | ETA {:.0}s | {} live workers\n",
+        "{}{} model {} | epoch {} step {}/{} ({:.1}%) | loss {} | validation {} | {:.0} images/s | ETA {} | {} live workers\n",
         state_name(r.state),
         if r.reason.is_empty() {
             String::new()
@@ -112,11 +103,11 @@ fn status_text(r: &StatusReply) -> String {
         shown(r.last_loss),
         shown(r.last_validation_accuracy),
         r.images_per_sec,
-        r.eta_secs,
+        r.eta_secs.map_or("-".to_string(), |t| format!("{t:.0}s")),
         r.live_workers
     );
-    if r.has_test_accuracy {
-        out.push_str(&format!("test accuracy {:.4}\n", r.test_accuracy));
+    if let Some(acc) = r.test_accuracy {
+        out.push_str(&format!("test accuracy {acc:.4}\n"));
     }
     if !r.warning.is_empty() {
         out.push_str(&format!("warning: {}\n", r.warning));
@@ -167,7 +158,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let mut client = connect(&args).await?;
     if let Some(path) = &args.plot {
         let history = client.get_history(GetHistoryRequest {}).await?.into_inner();
-        let svg = plot_svg(&history.points);
+        let svg = plot_svg(&history.points)?;
         std::fs::write(path, svg)
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
         println!("wrote {} ({} points)", path.display(), history.points.len());
@@ -180,37 +171,40 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             })
             .await?
             .into_inner();
+        // On a terminal a bar redraws in place; piped, one line per update.
+        let piped = !std::io::stdout().is_terminal();
+        let bar = if piped || args.json {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stdout())
+        };
+        bar.set_style(
+            ProgressStyle::with_template("[{bar:30}] step {pos}/{len} | {msg}")?
+                .progress_chars("#>-"),
+        );
         while let Some(r) = stream.message().await? {
             if args.json {
                 println!("{}", status_json(&r));
+                continue;
+            }
+            let line = format!(
+                "epoch {} | loss {} | validation {} | ETA {} | {} workers | {}",
+                r.epoch,
+                shown(r.last_loss),
+                shown(r.last_validation_accuracy),
+                r.eta_secs.map_or("-".to_string(), |t| format!("{t:.0}s")),
+                r.live_workers,
+                state_name(r.state)
+            );
+            bar.set_length(r.total_steps);
+            bar.set_position(r.step);
+            if piped {
+                println!("step {}/{} | {line}", r.step, r.total_steps);
             } else {
-                use std::io::{IsTerminal, Write};
-                let width = 30;
-                let filled = ((r.progress * width as f64) as usize).min(width);
-                let line = format!(
-                    "[{}{}] epoch {} step {}/{} loss {:.4} acc {:.4} ETA {:.0}s {} workers {}",
-                    "#".repeat(filled),
-                    "-".repeat(width - filled),
-                    r.epoch,
-                    r.step,
-                    r.total_steps,
-                    r.last_loss,
-                    r.last_validation_accuracy,
-                    r.eta_secs,
-                    r.live_workers,
-                    state_name(r.state)
-                );
-                // On a terminal the bar redraws in place; piped, it prints one line per update.
-                let mut out = std::io::stdout();
-                if out.is_terminal() {
-                    let _ = write!(out, "\r\x1b[2K{line}");
-                    let _ = out.flush();
-                } else {
-                    let _ = writeln!(out, "{line}");
-                }
+                bar.set_message(line);
             }
         }
-        println!();
+        bar.finish();
         return Ok(());
     }
     let r = client.get_status(GetStatusRequest {}).await?.into_inner();

@@ -64,6 +64,20 @@ pub fn shape(
     Ok(())
 }
 
+/// The job folders (holding a `latest`) right under a local folder.
+fn job_folders(url: &str) -> Vec<std::path::PathBuf> {
+    let dir = std::path::Path::new(url.strip_prefix("file://").unwrap_or(url));
+    let mut jobs: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("latest").is_file())
+        .collect();
+    jobs.sort();
+    jobs
+}
+
 /// 3274634 -> "3,274,634".
 pub fn group(n: usize) -> String {
     let s = n.to_string();
@@ -77,12 +91,21 @@ pub fn group(n: usize) -> String {
     out
 }
 
-/// `checkpoints`: lists the checkpoints at a URL with their metrics.
+/// `checkpoints`: lists the checkpoints at a URL with their metrics; at a local folder of job
+/// folders (the default `./checkpoints`), each job's.
 pub async fn checkpoints(url: &str) -> anyhow::Result<()> {
     let store = CheckpointStore::open(url)?;
     let names = store.names().await?;
     if names.is_empty() {
-        println!("no checkpoints at {url}");
+        let jobs = job_folders(url);
+        if jobs.is_empty() {
+            println!("no checkpoints at {url}");
+        }
+        for job in jobs {
+            println!("{}:", job.display());
+            Box::pin(checkpoints(&job.display().to_string())).await?;
+        }
+        return Ok(());
     }
     for name in names {
         match store.load(&name).await {

@@ -1,7 +1,9 @@
 //! What the coordinator's numeric checks cost per step, against a plain copy of the same bytes
 //! measured in the same run: the gradient checks on every submitted node (NaN/Inf and the norm
 //! bound, one pass), the mean gradient's norm (divergence and `--clip-grad-norm`), and the SGD
-//! step with its fused finiteness check, for the seed convnet's 3,274,634 parameters.
+//! step with its fused finiteness check, and the wire codec (`common::codec`: parameters
+//! encoded once a step, each gradient decoded) against the value-by-value loop it replaced, for
+//! the seed convnet's 3,274,634 parameters.
 //!
 //!   cargo run -p cluster-tests --example step_checks [-- ROUNDS]          (default 50)
 
@@ -63,5 +65,28 @@ fn main() {
         "SGD step with its finiteness check     {sgd_ms:7.3} ms  ({:.2}x the copy, {:.2}x unchecked)",
         sgd_ms / memcpy,
         sgd_ms / unchecked
+    );
+    let bytes = common::codec::encode_f32(&grad);
+    let encode = time(rounds, || {
+        black_box(common::codec::encode_f32(black_box(&grad)));
+    });
+    let decode = time(rounds, || {
+        black_box(common::codec::decode_f32(black_box(&bytes), n).unwrap());
+    });
+    let encode_loop = time(rounds, || {
+        let mut out = Vec::with_capacity(n * 4);
+        for v in black_box(&grad) {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        black_box(out);
+    });
+    println!(
+        "wire encode (a new vector)             {encode:7.3} ms  ({:.2}x the copy; value by value {encode_loop:.3} ms, {:.2}x)",
+        encode / memcpy,
+        encode_loop / memcpy
+    );
+    println!(
+        "wire decode (a new vector)             {decode:7.3} ms  ({:.2}x the copy)",
+        decode / memcpy
     );
 }

@@ -1,7 +1,9 @@
 //! Harness for end-to-end tests: builds the real `coordinator` and `worker` binaries once,
 //! starts them as child processes on 127.0.0.1 (port 0, the bound address read from the log),
 //! one log file per child, waits on readiness with deadlines, attaches log tails to failures,
-//! and kills every child on `Drop`.
+//! and kills every child on `Drop`. Where the fault under test is not the coordinator process
+//! itself (no `kill -9`, no `SIGSTOP`, no exit code), a test may run the coordinator in its own
+//! process instead ([`InProcess`], as mini-redis's tests run their server).
 
 use anyhow::{Context, Result, bail};
 pub use proto::transport::{AuthChannel, ClientSecurity, Material, Role, SecurityArgs};
@@ -205,6 +207,84 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A coordinator running in the test process: `coordinator::run` on a listener bound to
+/// 127.0.0.1:0, parsed from the same flags as the binary ([`coordinator_args`]); cancelled on
+/// `Drop`. Its log goes nowhere (tests of log lines start the binary).
+pub struct InProcess {
+    pub url: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    job: Option<tokio::task::JoinHandle<Result<coordinator::driver::Outcome>>>,
+}
+
+impl InProcess {
+    /// Starts the job; it serves at once (before MNIST is loaded, calls wait).
+    pub async fn start(args: &[impl AsRef<str>]) -> Result<InProcess> {
+        let train = train_args(&coordinator_args(args))?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let job = tokio::spawn(coordinator::run(train, listener, shutdown.clone()));
+        Ok(InProcess {
+            url,
+            shutdown,
+            job: Some(job),
+        })
+    }
+
+    /// Waits for the job's end, at most `within`.
+    pub async fn finish(mut self, within: Duration) -> Result<coordinator::driver::Outcome> {
+        let job = self.job.take().context("already finished")?;
+        tokio::time::timeout(within, job)
+            .await
+            .with_context(|| format!("the in-process coordinator still runs after {within:?}"))??
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The coordinator's training flags, parsed as its `main` parses them.
+fn train_args(args: &[String]) -> Result<coordinator::args::TrainArgs> {
+    use clap::Parser;
+    let argv = std::iter::once("coordinator".to_string()).chain(args.iter().cloned());
+    let cli = coordinator::args::Cli::try_parse_from(argv)?;
+    anyhow::ensure!(
+        cli.command.is_none(),
+        "not a training command line: {args:?}"
+    );
+    Ok(cli.train)
+}
+
+/// [`run_job`] with the coordinator in the test process: `workers` worker processes against an
+/// [`InProcess`] coordinator, to the job's end.
+pub async fn run_job_in_process(
+    dir: &Path,
+    workers: usize,
+    args: &[impl AsRef<str>],
+    within: Duration,
+) -> Result<()> {
+    let mut all = vec!["--workers".to_string(), workers.to_string()];
+    all.extend(args.iter().map(|a| a.as_ref().to_string()));
+    let c = InProcess::start(&all).await?;
+    let mut ws: Vec<Proc> = (0..workers)
+        .map(|i| start_worker(dir, &format!("worker{i}"), &c.url, &[]))
+        .collect::<Result<_>>()?;
+    let outcome = c.finish(within).await;
+    let tails: String = ws.iter().map(Proc::tail).collect::<Vec<_>>().join("\n");
+    anyhow::ensure!(
+        matches!(outcome, Ok(coordinator::driver::Outcome::Finished { .. })),
+        "the job did not finish: {outcome:?}\n{tails}"
+    );
+    for w in &mut ws {
+        let s = w.wait_exit(Duration::from_secs(30))?;
+        anyhow::ensure!(s.success(), "worker {} failed: {s}\n{}", w.name, w.tail());
+    }
+    Ok(())
 }
 
 /// A coordinator's command line on 127.0.0.1:0 (gRPC and metrics) with the shared MNIST and a
@@ -576,7 +656,17 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; good enough for tests).
+/// The port of a `http://host:port` URL.
+pub fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no port in {url}"))
+}
+
+/// A TCP port on 127.0.0.1 that was free when asked. Only for servers that cannot be given
+/// port 0 and read back (another program could take it in between: rare, and the test then
+/// fails to start its server, saying so).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

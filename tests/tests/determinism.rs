@@ -1,30 +1,31 @@
 //! The result of training does not depend on how many workers computed it: batches are cut
 //! into fixed micro-batches whose gradients are summed along one fixed tree, and dropout masks
 //! are seeded by (seed, step, micro-batch). On one backend the parameters are bit-identical,
-//! so the tolerance is zero.
+//! so the tolerance is zero. The coordinator runs in the test process (nothing here kills it).
 
 use cluster_tests::*;
 use std::time::Duration;
 
 const STEPS: u64 = 20;
 
-fn train_with(workers: usize, name: &str) -> Vec<NamedTensor> {
+async fn train_with(workers: usize, name: &str) -> Vec<NamedTensor> {
     let dir = scratch(name);
     let ck = dir.join("checkpoints");
-    run_job(
+    run_job_in_process(
         &dir,
         workers,
         &short_job(STEPS, 0, &ck),
         Duration::from_secs(600),
     )
+    .await
     .unwrap();
     latest_params(&ck).unwrap()
 }
 
-#[test]
-fn one_worker_and_three_workers_give_bit_identical_parameters() {
-    let one = train_with(1, "invariance-1");
-    let three = train_with(3, "invariance-3");
+#[tokio::test(flavor = "multi_thread")]
+async fn one_worker_and_three_workers_give_bit_identical_parameters() {
+    let one = train_with(1, "invariance-1").await;
+    let three = train_with(3, "invariance-3").await;
     assert_eq!(one.len(), 8);
     assert_eq!(one.len(), three.len());
     for (a, b) in one.iter().zip(&three) {
@@ -33,9 +34,9 @@ fn one_worker_and_three_workers_give_bit_identical_parameters() {
     }
 }
 
-#[test]
-fn the_cluster_reproduces_the_single_process_training_loop() {
-    let cluster = train_with(2, "vs-local");
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cluster_reproduces_the_single_process_training_loop() {
+    let cluster = train_with(2, "vs-local").await;
     let by_name = local_reference(&default_config(STEPS), STEPS);
     for (name, shape, values) in &cluster {
         let want = &by_name[name];

@@ -447,6 +447,7 @@ async fn kubernetes_job_launches_replaces_adopts_and_cleans_up_its_worker_pods()
         ("delete", "pods"),
         ("watch", "pods"),
         ("get", "pods/log"),
+        ("get", "jobs"),
     ] {
         assert!(can(verb, what), "cannot {verb} {what}");
     }
@@ -526,15 +527,37 @@ async fn kubernetes_deleting_the_job_removes_its_worker_pods() {
     let Some(kc) = cluster() else { return };
     images();
     let job = Job::apply(&kc, "deleted", 100_000, 8, false);
-    job.wait("4 worker pods", Duration::from_secs(240), |j| {
-        (j.workers().len() == 4).then_some(())
+    let running = job.wait("4 running worker pods", Duration::from_secs(240), |j| {
+        let pods = j.workers();
+        let all_running = pods.len() == 4 && pods.iter().all(|p| phase_of(p) == "Running");
+        all_running.then(|| pods.iter().map(name_of).collect::<BTreeSet<_>>())
     });
     job.kubectl(&["delete", "job", "dtrain", "--wait=false"])
         .unwrap();
-    job.wait_no_workers(
-        "the garbage collector to remove the worker pods",
-        Duration::from_secs(120),
+    // The garbage collector deletes them, and the coordinator (its Job gone) replaces none of
+    // them; a replacement would be deleted in turn, or linger as Terminating.
+    let no_new_pod = |j: &Job| {
+        let names: BTreeSet<String> = j.all_workers().iter().map(name_of).collect();
+        assert!(
+            names.is_subset(&running),
+            "worker pods created after the Job was deleted: {names:?} (were {running:?})"
+        );
+    };
+    job.wait(
+        "the garbage collector to delete the worker pods",
+        Duration::from_secs(60),
+        |j| {
+            no_new_pod(j);
+            let marked = |p: &Value| !p["metadata"]["deletionTimestamp"].is_null();
+            j.all_workers().iter().all(marked).then_some(())
+        },
     );
+    // Then the kubelet stops them; 1.20's at times takes well over the grace period
+    // (kubernetes/kubernetes#97288), hence the generous deadline.
+    job.wait("no worker pod left", Duration::from_secs(300), |j| {
+        no_new_pod(j);
+        j.all_workers().is_empty().then_some(())
+    });
 }
 
 /// The manifests (base, GPU and test overlays) as kubectl's kustomize renders them, checked

@@ -55,19 +55,17 @@ async fn a_coordinator_killed_three_times_resumes_and_ends_where_an_uninterrupte
 
     let dir = scratch("resume");
     let ck = dir.join("ck");
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let start = |name: &str| {
-        // A fixed port, so the restarted coordinator is where the workers look for it.
+    let start = |name: &str, port: u16| {
         let mut args = vec!["--workers".to_string(), "2".into()];
         args.extend(common_args(&ck));
         args.extend(["--listen".to_string(), format!("127.0.0.1:{port}")]);
         Proc::start("coordinator", name, &dir, &coordinator_args(&args)).unwrap()
     };
-    let mut coordinator = start("coordinator-0");
-    coordinator
-        .wait_for_line("coordinator listening on", Duration::from_secs(60))
-        .unwrap();
+    // The first coordinator takes any free port; the restarted ones take the same, so that
+    // they are where the workers look for them.
+    let mut coordinator = start("coordinator-0", 0);
+    let url = coordinator.grpc_url().unwrap();
+    let port = port_of(&url);
     let mut workers = vec![
         start_worker(&dir, "worker1", &url, &["--name", "worker1"]).unwrap(),
         start_worker(&dir, "worker2", &url, &["--name", "worker2"]).unwrap(),
@@ -91,7 +89,7 @@ async fn a_coordinator_killed_three_times_resumes_and_ends_where_an_uninterrupte
         coordinator.signal("KILL").unwrap();
         coordinator.wait_exit(Duration::from_secs(10)).unwrap();
 
-        coordinator = start(&format!("coordinator-{}", i + 1));
+        coordinator = start(&format!("coordinator-{}", i + 1), port);
         let line = coordinator
             .wait_for_line("resuming from checkpoint", Duration::from_secs(60))
             .unwrap();
@@ -152,10 +150,16 @@ async fn a_coordinator_killed_three_times_resumes_and_ends_where_an_uninterrupte
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_id_from_a_killed_coordinator_is_not_taken_for_its_new_holder() {
     let dir = scratch("incarnation");
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let mut args = short_job(10, 0, &dir.join("ck"));
-    args.extend(["--listen".to_string(), format!("127.0.0.1:{port}")]);
+    let ck = dir.join("ck");
+    let coordinator = |name: &str, port: u16| {
+        let mut args = short_job(10, 0, &ck);
+        args.extend(["--listen".to_string(), format!("127.0.0.1:{port}")]);
+        Proc::start("coordinator", name, &dir, &coordinator_args(&args)).unwrap()
+    };
+    // Any free port first; the second coordinator takes the same one.
+    let mut first = coordinator("first", 0);
+    let url = first.grpc_url().unwrap();
+    let port = port_of(&url);
     let register = |name: &str| {
         let url = url.clone();
         let req = RegisterRequest {
@@ -174,13 +178,11 @@ async fn a_worker_id_from_a_killed_coordinator_is_not_taken_for_its_new_holder()
         incarnation: reg.incarnation,
     };
 
-    let mut first = Proc::start("coordinator", "first", &dir, &coordinator_args(&args)).unwrap();
-    first.grpc_url().unwrap();
     let (_, old) = register("old").await;
     first.signal("KILL").unwrap();
     first.wait_exit(Duration::from_secs(10)).unwrap();
 
-    let mut second = Proc::start("coordinator", "second", &dir, &coordinator_args(&args)).unwrap();
+    let mut second = coordinator("second", port);
     second.grpc_url().unwrap();
     let (mut c, new) = register("new").await;
     assert_eq!(new.worker_id, old.worker_id, "ids restart with the process");

@@ -33,93 +33,132 @@ fn weed() -> Option<PathBuf> {
     found
 }
 
-fn s3_env() -> Vec<(String, String)> {
-    [
-        ("AWS_ACCESS_KEY_ID", KEY),
-        ("AWS_SECRET_ACCESS_KEY", SECRET),
-        ("AWS_ENDPOINT", "http://127.0.0.1:8333"),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_REGION", "us-east-1"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
+/// One test's S3 server: a free port, kept when the server is restarted (so that a running
+/// coordinator finds it again), and its data directory. SeaweedFS's other ports (master,
+/// volume, filer) keep their defaults: these tests start one server at a time.
+struct S3 {
+    weed: PathBuf,
+    dir: PathBuf,
+    port: u16,
 }
 
-fn start_s3(weed: &Path, dir: &Path, name: &str) -> Proc {
-    let data = dir.join("s3-data");
-    std::fs::create_dir_all(&data).unwrap();
-    let args: Vec<String> = [
-        "mini".to_string(),
-        format!("-dir={}", data.display()),
-        "-ip=127.0.0.1".into(),
-        "-ip.bind=127.0.0.1".into(),
-        "-bucket=dtrain".into(),
-        "-admin.ui=false".into(),
-    ]
-    .into();
-    let p = Proc::start_with_env(weed.to_str().unwrap(), name, dir, &args, &s3_env()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect("127.0.0.1:8333").is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "S3 server did not start\n{}",
-            p.tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
+impl S3 {
+    /// `None` (the test skips) where there is no `weed` outside CI.
+    fn new(dir: &Path) -> Option<S3> {
+        Some(S3 {
+            weed: weed()?,
+            dir: dir.to_path_buf(),
+            port: free_port(),
+        })
     }
-    // The S3 port answers before the bucket exists; give it a moment to be created.
-    std::thread::sleep(Duration::from_secs(2));
-    p
+
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", KEY.to_string()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET.to_string()),
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Starts the server; returns once its bucket answers a listing.
+    fn start(&self, name: &str) -> Proc {
+        let data = self.dir.join("s3-data");
+        std::fs::create_dir_all(&data).unwrap();
+        let args: Vec<String> = vec![
+            "mini".to_string(),
+            format!("-dir={}", data.display()),
+            "-ip=127.0.0.1".into(),
+            "-ip.bind=127.0.0.1".into(),
+            format!("-s3.port={}", self.port),
+            "-bucket=dtrain".into(),
+            "-admin.ui=false".into(),
+        ];
+        let mut p = Proc::start_with_env(
+            self.weed.to_str().unwrap(),
+            name,
+            &self.dir,
+            &args,
+            &self.env(),
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // The port answers before the bucket exists: ready is when a listing succeeds.
+        let probe = "s3://dtrain/ready-probe";
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+            || self.list(probe).is_err()
+        {
+            assert!(
+                p.child.try_wait().unwrap().is_none(),
+                "S3 server exited\n{}",
+                p.tail()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "S3 server not ready: {:?}\n{}",
+                self.list(probe).err(),
+                p.tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        p
+    }
+
+    /// `coordinator checkpoints` of `url`.
+    fn list(&self, url: &str) -> Result<String, String> {
+        let out = run_with_deadline(
+            std::process::Command::new(bin_dir().join("coordinator"))
+                .args(["checkpoints", "--checkpoint-url", url])
+                .envs(self.env())
+                .current_dir(&self.dir),
+            Duration::from_secs(60),
+        )
+        .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    }
 }
 
-fn job(dir: &Path, name: &str, url: &str, steps: u64) -> (Proc, String, Vec<Proc>) {
+fn job(s3: &S3, name: &str, url: &str, steps: u64) -> (Proc, String, Vec<Proc>) {
     let mut args = vec!["--workers".to_string(), "1".into()];
     args.extend(short_job(steps, 5, Path::new(url)));
     let mut c = Proc::start_with_env(
         "coordinator",
         name,
-        dir,
+        &s3.dir,
         &coordinator_args(&args),
-        &s3_env(),
+        &s3.env(),
     )
     .unwrap();
     let grpc = c.grpc_url().unwrap();
-    let w = start_worker(dir, &format!("{name}-worker"), &grpc, &[]).unwrap();
+    let w = start_worker(&s3.dir, &format!("{name}-worker"), &grpc, &[]).unwrap();
     (c, grpc, vec![w])
-}
-
-fn list(dir: &Path, url: &str) -> String {
-    let out = std::process::Command::new(bin_dir().join("coordinator"))
-        .args(["checkpoints", "--checkpoint-url", url])
-        .envs(s3_env())
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 #[test]
 fn checkpoints_go_to_s3_and_a_new_coordinator_resumes_from_there() {
-    let Some(weed) = weed() else { return };
-    let dir = scratch("s3-resume");
-    let _s3 = start_s3(&weed, &dir, "s3");
+    let Some(s3) = S3::new(&scratch("s3-resume")) else {
+        return;
+    };
+    let _server = s3.start("s3");
     let url = "s3://dtrain/resume";
-    let (mut c, _, _w) = job(&dir, "first", url, 12);
+    let (mut c, _, _w) = job(&s3, "first", url, 12);
     assert!(
         c.wait_exit(Duration::from_secs(300)).unwrap().success(),
         "{}",
         c.tail()
     );
-    let listing = list(&dir, url);
+    let listing = s3.list(url).unwrap();
     assert!(listing.contains("step-0000000012  step 12"), "{listing}");
     assert!(listing.contains("step-0000000010  step 10"), "{listing}");
-    let (mut c, _, _w) = job(&dir, "second", url, 15);
+    let (mut c, _, _w) = job(&s3, "second", url, 15);
     let line = c
         .wait_for_line("resuming from checkpoint", Duration::from_secs(60))
         .unwrap();
@@ -129,16 +168,17 @@ fn checkpoints_go_to_s3_and_a_new_coordinator_resumes_from_there() {
         "{}",
         c.tail()
     );
-    assert!(list(&dir, url).contains("step-0000000015  step 15"));
+    assert!(s3.list(url).unwrap().contains("step-0000000015  step 15"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_s3_outage_during_checkpoints_never_stops_training_nor_tears_latest() {
-    let Some(weed) = weed() else { return };
-    let dir = scratch("s3-outage");
-    let mut s3 = start_s3(&weed, &dir, "s3-1");
+    let Some(s3) = S3::new(&scratch("s3-outage")) else {
+        return;
+    };
+    let mut server = s3.start("s3-1");
     let url = "s3://dtrain/outage";
-    let (mut c, grpc, _w) = job(&dir, "coordinator", url, 60);
+    let (mut c, grpc, _w) = job(&s3, "coordinator", url, 60);
     let mut client = StatusClient::connect(grpc.clone()).await.unwrap();
     let step = |s: &proto::StatusReply| s.step;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -155,8 +195,8 @@ async fn an_s3_outage_during_checkpoints_never_stops_training_nor_tears_latest()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The server dies while the step-10 checkpoint is due.
-    s3.signal("KILL").unwrap();
-    let _ = s3.wait_exit(Duration::from_secs(10));
+    server.signal("KILL").unwrap();
+    let _ = server.wait_exit(Duration::from_secs(10));
     let outage = client
         .get_status(GetStatusRequest {})
         .await
@@ -182,13 +222,13 @@ async fn an_s3_outage_during_checkpoints_never_stops_training_nor_tears_latest()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _s3 = start_s3(&weed, &dir, "s3-2");
+    let _server = s3.start("s3-2");
     assert!(
         c.wait_exit(Duration::from_secs(300)).unwrap().success(),
         "{}",
         c.tail()
     );
-    let listing = list(&dir, url);
+    let listing = s3.list(url).unwrap();
     assert!(listing.contains("step-0000000060  step 60"), "{listing}");
     assert!(
         !listing.contains("unreadable"),

@@ -68,7 +68,10 @@ fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, f64> {
     for line in text.lines().filter(|l| !l.is_empty()) {
         if let Some(rest) = line.strip_prefix('#') {
             assert!(
-                rest.starts_with(" HELP ") || rest.starts_with(" TYPE "),
+                [" HELP ", " TYPE ", " UNIT "]
+                    .iter()
+                    .any(|p| rest.starts_with(p))
+                    || rest == " EOF",
                 "bad comment line {line:?}"
             );
             continue;
@@ -129,6 +132,15 @@ async fn status_follows_a_job_from_waiting_to_finished() {
     let s = status(&url).await;
     assert_eq!(s.state, JobState::WaitingForWorkers as i32, "{s:?}");
     assert_eq!(s.step, 0);
+    // Nothing measured yet: absent, not NaN or 0.
+    assert!(
+        s.last_loss.is_none()
+            && s.last_validation_accuracy.is_none()
+            && s.test_accuracy.is_none()
+            && s.eta_secs.is_none()
+            && s.last_grad_norm.is_none(),
+        "{s:?}"
+    );
 
     // Health and reflection work without the .proto file.
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&url).await);
@@ -187,7 +199,9 @@ async fn status_follows_a_job_from_waiting_to_finished() {
         b.examples_seen > a.examples_seen && b.progress > a.progress,
         "{a:?} {b:?}"
     );
-    assert!(b.images_per_sec > 0.0 && b.last_loss.is_finite() && b.eta_secs > 0.0);
+    assert!(b.images_per_sec > 0.0, "{b:?}");
+    assert!(b.last_loss.is_some_and(f64::is_finite), "{b:?}");
+    assert!(b.eta_secs.is_some_and(|t| t > 0.0), "{b:?}");
 
     // /metrics parses and agrees with GetStatus.
     let before = status(&url).await;
@@ -226,7 +240,9 @@ async fn status_follows_a_job_from_waiting_to_finished() {
     names.sort_unstable();
     want.sort_unstable();
     assert_eq!(names, want, "{json}");
+    // The chart: one point per step done, with its axes and legend.
     let plot = dir.join("history.svg");
+    let before = status(&url).await;
     let out = std::process::Command::new(bin_dir().join("coordinator"))
         .args([
             "status",
@@ -237,16 +253,28 @@ async fn status_follows_a_job_from_waiting_to_finished() {
         ])
         .output()
         .unwrap();
+    let after = status(&url).await;
+    let said = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let svg = std::fs::read_to_string(&plot).unwrap();
+    let points: u64 = said
+        .split('(')
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no point count in {said:?}"));
     assert!(
-        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.contains("<polyline"),
-        "{svg}"
+        before.step <= points && points <= after.step,
+        "{points} points, steps {} .. {}",
+        before.step,
+        after.step
     );
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    for text in ["step", "training loss", "validation accuracy"] {
+        assert!(svg.contains(text), "no {text:?} in the chart");
+    }
 
     // A killed worker shows as lost.
     w1.signal("KILL").unwrap();
@@ -276,10 +304,7 @@ async fn status_follows_a_job_from_waiting_to_finished() {
     );
     let last = seen.last().unwrap();
     assert_eq!(last.state, JobState::Finished as i32, "{last:?}");
-    assert!(
-        last.has_test_accuracy && last.test_accuracy > 0.5,
-        "{last:?}"
-    );
+    assert!(last.test_accuracy.is_some_and(|a| a > 0.5), "{last:?}");
     assert_eq!(last.step, 60);
 }
 

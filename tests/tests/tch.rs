@@ -25,6 +25,11 @@ fn relative_error(a: &[f32], b: &[f32]) -> f64 {
 /// (flex's GEMMs vs oneDNN's convolutions). Measured: 1.7e-7 (seed), 9.5e-8 (inception).
 const TOLERANCE: f64 = 1e-5;
 
+/// Relative L2 difference of the whole parameter vector after 40 steps, flex+tch against flex
+/// alone: per-gradient rounding (above) carried through 40 momentum steps. Measured: see the
+/// test's output (README "Testing").
+const L2_ROUNDING: f64 = 1e-2;
+
 #[test]
 fn libtorch_gradients_match_flex_for_one_batch() {
     let data = common::mnist::load(Path::new(&mnist_dir())).unwrap();
@@ -60,9 +65,9 @@ fn libtorch_gradients_match_flex_for_one_batch() {
     }
 }
 
-/// Runs 40 steps with one worker per entry of `backends`; returns the coordinator's log and the
-/// final parameters.
-fn train(name: &str, backends: &[&str]) -> (String, Vec<NamedTensor>) {
+/// Runs 40 steps with one worker per entry of `backends`; returns the coordinator's log, the
+/// final parameters and the shards each worker answered (from its last log line).
+fn train(name: &str, backends: &[&str]) -> (String, Vec<NamedTensor>, Vec<u64>) {
     let dir = scratch(name);
     let ck = dir.join("ck");
     let mut args = short_job(40, 0, &ck);
@@ -72,7 +77,7 @@ fn train(name: &str, backends: &[&str]) -> (String, Vec<NamedTensor>) {
         args[i + 1] = "20".into();
     }
     let (mut c, url) = start_coordinator(&dir, "coordinator", &args).unwrap();
-    let ws: Vec<Proc> = backends
+    let mut ws: Vec<Proc> = backends
         .iter()
         .enumerate()
         .map(|(i, b)| start_worker(&dir, &format!("worker{i}-{b}"), &url, &["--backend", b]))
@@ -82,19 +87,35 @@ fn train(name: &str, backends: &[&str]) -> (String, Vec<NamedTensor>) {
     let tails: Vec<String> = ws.iter().map(Proc::tail).collect();
     assert!(status.success(), "{}\n{}", c.tail(), tails.join("\n"));
     let log = c.log_text();
-    for (w, b) in ws.iter().zip(backends) {
+    let mut shards = Vec::new();
+    for (w, b) in ws.iter_mut().zip(backends) {
         assert!(
-            w.log_text().contains(&format!("backend={b}")),
+            w.wait_exit(Duration::from_secs(30)).unwrap().success(),
             "{}",
             w.tail()
         );
+        let text = w.log_text();
+        assert!(text.contains(&format!("backend={b}")), "{}", w.tail());
+        let answered = text
+            .lines()
+            .find(|l| l.contains("job over"))
+            .and_then(|l| {
+                l.split("shards=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no shard count in {}", w.tail()));
+        shards.push(answered);
     }
-    (log, latest_params(&ck).unwrap())
+    (log, latest_params(&ck).unwrap(), shards)
 }
 
 #[test]
 fn libtorch_cluster_trains_through_the_real_binaries() {
-    let (log, _) = train("tch-cluster", &["tch", "tch"]);
+    let (log, _, _) = train("tch-cluster", &["tch", "tch"]);
     let acc = validation_accuracies(&log);
     let (first, last) = (acc.first().unwrap(), acc.last().unwrap());
     assert!(last.0 < first.0, "loss did not fall: {acc:?}");
@@ -103,13 +124,18 @@ fn libtorch_cluster_trains_through_the_real_binaries() {
 
 #[test]
 fn libtorch_and_flex_workers_train_one_job_together() {
-    let (log, mixed) = train("mixed-cluster", &["flex", "tch"]);
-    // The same job on flex alone. Rounding differences of 1e-7 per gradient grow over 40
-    // momentum steps (largest on the small fc1 biases), so the comparison is of the whole
-    // parameter vector and of the training outcome, not of bits.
-    let (flex_log, flex) = train("flex-cluster", &["flex", "flex"]);
+    let (log, mixed, shards) = train("mixed-cluster", &["flex", "tch"]);
+    println!("shards answered: flex {}, tch {}", shards[0], shards[1]);
+    assert!(shards[1] > 0, "the libtorch worker answered no shard");
+    // The same job on flex alone. The flex result does not depend on how many flex workers
+    // compute it (bit for bit), so any difference is the libtorch worker's rounding: some,
+    // because it computed, and little, because rounding is all that differs (1e-7 per
+    // gradient, grown over 40 momentum steps; largest on the small fc1 biases).
+    let (flex_log, flex, _) = train("flex-cluster", &["flex", "flex"]);
     let (mut diff, mut norm) = (0f64, 0f64);
+    assert_eq!(mixed.len(), flex.len());
     for ((name, _, a), (_, _, b)) in mixed.iter().zip(&flex) {
+        assert_eq!(a.len(), b.len(), "{name}");
         println!(
             "{name}: largest difference {:.2e} of the largest value",
             relative_error(b, a)
@@ -121,7 +147,11 @@ fn libtorch_and_flex_workers_train_one_job_together() {
     }
     let l2 = (diff / norm).sqrt();
     println!("parameters, mixed vs flex: relative L2 difference {l2:.2e}");
-    assert!(l2 < 0.05, "relative L2 difference {l2:.2e}");
+    assert!(
+        l2 > 0.0,
+        "bit-identical to flex alone: the libtorch worker did nothing"
+    );
+    assert!(l2 < L2_ROUNDING, "relative L2 difference {l2:.2e}");
     let (m, f) = (
         *validation_accuracies(&log).last().unwrap(),
         *validation_accuracies(&flex_log).last().unwrap(),

@@ -5,6 +5,7 @@
 //! computes, and a lost coordinator is retried with exponential backoff and jitter (so a
 //! restarted coordinator gets its workers back) until `--reconnect-timeout` runs out.
 
+use backon::{ExponentialBuilder, Retryable};
 use clap::Parser;
 use common::engine::{BackendKind, Engine, MicroBatch};
 use common::model::{ModelKind, ModelSpec, Pool};
@@ -17,8 +18,7 @@ use proto::{
     FailureKind, FailureReport, GetWorkRequest, HeartbeatRequest, NodeGradient, NodeRange,
     RegisterRequest, SubmitRequest, Task,
 };
-use rand::Rng;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 use tracing::{info, warn};
@@ -321,6 +321,8 @@ async fn work(
     health: &mut Health,
     shutdown: &CancellationToken,
 ) -> Result<(), Stop> {
+    // Shards this worker answered (said at the end: tests prove a worker took part with it).
+    let mut answered = 0u64;
     loop {
         let reply = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -333,7 +335,7 @@ async fn work(
             Some(Reply::Task(task)) => task,
             Some(Reply::Wait(_)) | None => continue,
             Some(Reply::Shutdown(s)) => {
-                info!(reason = s.reason, "job over; exiting");
+                info!(reason = s.reason, shards = answered, "job over; exiting");
                 return Ok(());
             }
         };
@@ -393,7 +395,7 @@ async fn work(
             Ok(r) if !r.get_ref().accepted => {
                 info!(step, "another copy of this shard answered first")
             }
-            Ok(_) => {}
+            Ok(_) => answered += 1,
             // The coordinator refused this answer (counted against us; a quarantine follows
             // if it keeps happening): drop it and go on.
             Err(s) if matches!(s.code(), Code::InvalidArgument | Code::AlreadyExists) => {
@@ -523,44 +525,41 @@ fn is_refusal(code: Code) -> bool {
     )
 }
 
-/// Calls `f` until it succeeds, retrying with exponential backoff and jitter for at most
-/// `patience`. Ok(None) on shutdown; a refusal ([`is_refusal`]) is returned at once.
+/// Calls `f` until it succeeds, retrying with exponential backoff (100 ms doubling to 5 s, with
+/// jitter; `backon`) while the waits add up to less than `patience`. Ok(None) on shutdown; a
+/// refusal ([`is_refusal`]) is returned at once.
 async fn retrying<T, F, Fut>(
     url: &str,
     patience: Duration,
     shutdown: &CancellationToken,
-    mut f: F,
+    f: F,
 ) -> Result<Option<T>, WorkerError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Status>>,
 {
-    let started = Instant::now();
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let last = match f().await {
-            Ok(v) => return Ok(Some(v)),
-            Err(s) if is_refusal(s.code()) => {
-                return Err(WorkerError::Refused(s.message().to_string()));
-            }
-            Err(s) => s.message().to_string(),
-        };
-        if started.elapsed() >= patience {
-            return Err(WorkerError::Unreachable {
-                url: url.to_string(),
-                secs: patience.as_secs_f64(),
-                last,
-            });
-        }
-        let jitter = rand::rng().random_range(0.5..1.5);
-        let wait = delay
-            .mul_f64(jitter)
-            .min(patience.saturating_sub(started.elapsed()));
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(wait) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .with_total_delay(Some(patience))
+        .without_max_times();
+    let calls = f
+        .retry(policy)
+        .sleep(tokio::time::sleep)
+        .when(|s: &Status| !is_refusal(s.code()));
+    let outcome = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(None),
+        outcome = calls => outcome,
+    };
+    match outcome {
+        Ok(v) => Ok(Some(v)),
+        Err(s) if is_refusal(s.code()) => Err(WorkerError::Refused(s.message().to_string())),
+        Err(s) => Err(WorkerError::Unreachable {
+            url: url.to_string(),
+            secs: patience.as_secs_f64(),
+            last: s.message().to_string(),
+        }),
     }
 }
 

@@ -2,12 +2,14 @@
 //! coordinator's own pod, builds worker pods, watches them, carries out the plan's actions and
 //! deletes the pods when the job is over.
 //!
-//! Permissions used (deploy/k8s/rbac.yaml): pods get, list, watch, create, delete; pods/log get.
+//! Permissions used (deploy/k8s/rbac.yaml): pods get, list, watch, create, delete; pods/log get;
+//! jobs get (is the owning Job still there before worker pods are created).
 
 use super::plan::{self, Action, Observed, Phase, Policy, Supervisor};
 use super::{LauncherArgs, Setup};
 use crate::state::Shared;
 use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
     ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, ResourceRequirements,
@@ -37,6 +39,7 @@ const TLS_MOUNT: &str = "/tls";
 /// What the launcher learned at start and keeps for each pod it builds.
 pub struct Kubernetes {
     pods: Api<Pod>,
+    jobs: Api<Job>,
     template: Pod,
     owner: OwnerReference,
     policy: Policy,
@@ -57,7 +60,8 @@ impl Kubernetes {
             .await
             .map_err(|e| anyhow::anyhow!("--launcher kubernetes: no cluster configuration: {e}"))?;
         let namespace = args.namespace();
-        let pods: Api<Pod> = Api::namespaced(client, &namespace);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+        let jobs: Api<Job> = Api::namespaced(client, &namespace);
         let me_name = args.pod_name();
         let me = pods.get(&me_name).await.map_err(|e| {
             anyhow::anyhow!(
@@ -123,6 +127,7 @@ impl Kubernetes {
         );
         Ok(Kubernetes {
             pods,
+            jobs,
             template,
             owner,
             policy,
@@ -181,6 +186,17 @@ impl Kubernetes {
             for (name, why) in &decision.stuck {
                 warn!(pod = name, "worker pod stuck: {why}");
             }
+            let creates = decision
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::Create { .. }));
+            if creates && let Some(why) = self.owner_going().await {
+                // `kubectl delete job`: the garbage collector is deleting the worker pods and
+                // this pod; a replacement would only be deleted in turn (or, created while the
+                // kubelet tears the others down, linger as Terminating).
+                info!("{why}: no worker pod is created any more");
+                return;
+            }
             for action in decision.actions {
                 if let Err(e) = self.act(&action).await {
                     shared.fail_job(e);
@@ -192,6 +208,45 @@ impl Kubernetes {
                 shared.fail_job(why);
                 return;
             }
+        }
+    }
+
+    /// Why no worker pod may be created any more: the owner (the Job, or the coordinator's own
+    /// pod) is gone, replaced by another of the same name, or being deleted. `None` when it
+    /// is there, and when that cannot be told (the API is slow, or an older Role lacks `jobs
+    /// get`): supervision goes on as before.
+    async fn owner_going(&self) -> Option<String> {
+        let o = &self.owner;
+        let read = async {
+            if o.kind == "Job" {
+                self.jobs
+                    .get_opt(&o.name)
+                    .await
+                    .map(|j| j.map(|j| j.metadata))
+            } else {
+                self.pods
+                    .get_opt(&o.name)
+                    .await
+                    .map(|p| p.map(|p| p.metadata))
+            }
+        };
+        let meta = match tokio::time::timeout(Duration::from_secs(10), read).await {
+            Ok(Ok(meta)) => meta,
+            Ok(Err(e)) => {
+                warn!(owner = o.name, error = %e, "cannot read the worker pods' owner");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        match meta {
+            None => Some(format!("{} {} is gone", o.kind, o.name)),
+            Some(m) if m.uid.as_deref() != Some(o.uid.as_str()) => {
+                Some(format!("{} {} was replaced", o.kind, o.name))
+            }
+            Some(m) if m.deletion_timestamp.is_some() => {
+                Some(format!("{} {} is being deleted", o.kind, o.name))
+            }
+            Some(_) => None,
         }
     }
 
