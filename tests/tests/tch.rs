@@ -25,10 +25,34 @@ fn relative_error(a: &[f32], b: &[f32]) -> f64 {
 /// (flex's GEMMs vs oneDNN's convolutions). Measured: 1.7e-7 (seed), 9.5e-8 (inception).
 const TOLERANCE: f64 = 1e-5;
 
-/// Relative L2 difference of the whole parameter vector after 40 steps, flex+tch against flex
-/// alone: per-gradient rounding (above) carried through 40 momentum steps. Measured: see the
-/// test's output (README "Testing").
-const L2_ROUNDING: f64 = 1e-2;
+/// Relative L2 difference of the whole parameter vector after 4 steps, flex+tch against flex
+/// alone: what per-gradient rounding (above) explains before the trajectories part. Measured
+/// 6.8e-9.
+const L2_ROUNDING: f64 = 1e-6;
+
+/// The same after 40 steps: by then the rounding has been amplified by training itself
+/// (measured 1.13e-2 and 1.14e-2 in two runs, under 1e-2 in a third: the split of the
+/// micro-batches between the two workers varies from run to run),
+/// so this bounds the trajectory's drift, and the accuracy check below is what matters.
+const L2_AFTER_40_STEPS: f64 = 0.05;
+
+/// Relative L2 difference of `a` from `b`, parameter by parameter and in all.
+fn relative_l2(a: &[NamedTensor], b: &[NamedTensor]) -> f64 {
+    let (mut diff, mut norm) = (0f64, 0f64);
+    assert_eq!(a.len(), b.len());
+    for ((name, _, a), (_, _, b)) in a.iter().zip(b) {
+        assert_eq!(a.len(), b.len(), "{name}");
+        println!(
+            "  {name}: largest difference {:.2e} of the largest value",
+            relative_error(b, a)
+        );
+        for (x, y) in a.iter().zip(b) {
+            diff += f64::from(x - y).powi(2);
+            norm += f64::from(*y).powi(2);
+        }
+    }
+    (diff / norm).sqrt()
+}
 
 #[test]
 fn libtorch_gradients_match_flex_for_one_batch() {
@@ -65,12 +89,12 @@ fn libtorch_gradients_match_flex_for_one_batch() {
     }
 }
 
-/// Runs 40 steps with one worker per entry of `backends`; returns the coordinator's log, the
-/// final parameters and the shards each worker answered (from its last log line).
-fn train(name: &str, backends: &[&str]) -> (String, Vec<NamedTensor>, Vec<u64>) {
+/// Runs `steps` steps with one worker per entry of `backends`; returns the coordinator's log,
+/// the final parameters and the shards each worker answered (from its last log line).
+fn train(name: &str, backends: &[&str], steps: u64) -> (String, Vec<NamedTensor>, Vec<u64>) {
     let dir = scratch(name);
     let ck = dir.join("ck");
-    let mut args = short_job(40, 0, &ck);
+    let mut args = short_job(steps, 0, &ck);
     args.extend(["--workers".into(), backends.len().to_string()]);
     // Validate at steps 20 and 40.
     if let Some(i) = args.iter().position(|a| a == "--eval-every") {
@@ -115,7 +139,7 @@ fn train(name: &str, backends: &[&str]) -> (String, Vec<NamedTensor>, Vec<u64>) 
 
 #[test]
 fn libtorch_cluster_trains_through_the_real_binaries() {
-    let (log, _, _) = train("tch-cluster", &["tch", "tch"]);
+    let (log, _, _) = train("tch-cluster", &["tch", "tch"], 40);
     let acc = validation_accuracies(&log);
     let (first, last) = (acc.first().unwrap(), acc.last().unwrap());
     assert!(last.0 < first.0, "loss did not fall: {acc:?}");
@@ -124,34 +148,38 @@ fn libtorch_cluster_trains_through_the_real_binaries() {
 
 #[test]
 fn libtorch_and_flex_workers_train_one_job_together() {
-    let (log, mixed, shards) = train("mixed-cluster", &["flex", "tch"]);
-    println!("shards answered: flex {}, tch {}", shards[0], shards[1]);
-    assert!(shards[1] > 0, "the libtorch worker answered no shard");
     // The same job on flex alone. The flex result does not depend on how many flex workers
     // compute it (bit for bit), so any difference is the libtorch worker's rounding: some,
-    // because it computed, and little, because rounding is all that differs (1e-7 per
-    // gradient, grown over 40 momentum steps; largest on the small fc1 biases).
-    let (flex_log, flex, _) = train("flex-cluster", &["flex", "flex"]);
-    let (mut diff, mut norm) = (0f64, 0f64);
-    assert_eq!(mixed.len(), flex.len());
-    for ((name, _, a), (_, _, b)) in mixed.iter().zip(&flex) {
-        assert_eq!(a.len(), b.len(), "{name}");
-        println!(
-            "{name}: largest difference {:.2e} of the largest value",
-            relative_error(b, a)
-        );
-        for (x, y) in a.iter().zip(b) {
-            diff += f64::from(x - y).powi(2);
-            norm += f64::from(*y).powi(2);
-        }
-    }
-    let l2 = (diff / norm).sqrt();
-    println!("parameters, mixed vs flex: relative L2 difference {l2:.2e}");
+    // because it computed, and after 4 steps no more than rounding explains.
+    let (_, mixed, shards) = train("mixed-4", &["flex", "tch"], 4);
+    let (_, flex, _) = train("flex-4", &["flex", "flex"], 4);
+    println!(
+        "4 steps, shards answered: flex {}, tch {}",
+        shards[0], shards[1]
+    );
+    assert!(shards[1] > 0, "the libtorch worker answered no shard");
+    let l2 = relative_l2(&mixed, &flex);
+    println!("parameters after 4 steps, mixed vs flex: relative L2 difference {l2:.2e}");
     assert!(
         l2 > 0.0,
         "bit-identical to flex alone: the libtorch worker did nothing"
     );
-    assert!(l2 < L2_ROUNDING, "relative L2 difference {l2:.2e}");
+    assert!(
+        l2 < L2_ROUNDING,
+        "relative L2 difference {l2:.2e} after 4 steps"
+    );
+
+    // 40 steps: the training outcome is the same.
+    let (log, mixed, shards) = train("mixed-cluster", &["flex", "tch"], 40);
+    let (flex_log, flex, _) = train("flex-cluster", &["flex", "flex"], 40);
+    println!(
+        "40 steps, shards answered: flex {}, tch {}",
+        shards[0], shards[1]
+    );
+    assert!(shards[1] > 0, "the libtorch worker answered no shard");
+    let l2 = relative_l2(&mixed, &flex);
+    println!("parameters after 40 steps, mixed vs flex: relative L2 difference {l2:.2e}");
+    assert!(l2 < L2_AFTER_40_STEPS, "relative L2 difference {l2:.2e}");
     let (m, f) = (
         *validation_accuracies(&log).last().unwrap(),
         *validation_accuracies(&flex_log).last().unwrap(),
