@@ -208,6 +208,8 @@ pub struct Core {
     typical_shard_time: Option<Duration>,
     /// Set when the job is over: why, as told to workers asking for work.
     finished: Option<String>,
+    /// Workers declared lost since the start (a total: records of gone workers are pruned).
+    lost_total: u64,
 }
 
 impl Core {
@@ -219,6 +221,7 @@ impl Core {
             next_task: 1,
             round: None,
             typical_shard_time: None,
+            lost_total: 0,
             finished: None,
         }
     }
@@ -299,6 +302,7 @@ impl Core {
             }
             self.abandon_tasks_of(*id);
         }
+        self.lost_total += lost.len() as u64;
         if !lost.is_empty() {
             self.prune_gone();
         }
@@ -320,6 +324,11 @@ impl Core {
             return true;
         }
         false
+    }
+
+    /// Workers declared lost since the start.
+    pub fn lost_total(&self) -> u64 {
+        self.lost_total
     }
 
     pub fn live_workers(&self) -> usize {
@@ -735,6 +744,7 @@ mod tests {
         let (mut c, ids) = cluster(1, t0);
         assert!(c.tick(t0 + 3 * SECOND).is_empty());
         assert_eq!(c.tick(t0 + 3 * SECOND + SECOND / 1000), vec![ids[0]]);
+        assert_eq!(c.lost_total(), 1);
     }
 
     #[test]

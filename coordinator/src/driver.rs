@@ -293,7 +293,6 @@ impl Driver {
                 let mut core = self.shared.core();
                 for id in core.tick(Instant::now()) {
                     warn!(worker = id, "worker lost (missed its heartbeat deadline)");
-                    self.shared.metrics.workers_lost.inc();
                 }
                 core.live_workers()
             };
@@ -334,7 +333,6 @@ impl Driver {
                         worker = id,
                         "worker lost (missed its heartbeat deadline); its shard goes to another worker"
                     );
-                    self.shared.metrics.workers_lost.inc();
                 }
                 if let Some(why) = core.divergence() {
                     return Ok(Round::Diverged(why.to_string()));

@@ -1,14 +1,14 @@
 //! The Prometheus endpoint (`GET /metrics` on `--metrics-listen`), encoded by
-//! `prometheus-client` in the OpenMetrics text format. The step-time histogram and the
-//! lost-worker counter are observed as things happen ([`Metrics`]); everything else is read at
-//! each scrape from the same snapshot `GetStatus` serves ([`StatusCollector`]), so the two
-//! always agree. A value not known yet (the loss before the first step) is left out.
+//! `prometheus-client` in the OpenMetrics text format. The step-time histogram is observed as
+//! each step ends ([`Metrics`]); everything else is read at each scrape from the same snapshot
+//! `GetStatus` serves and the core's totals ([`StatusCollector`]), so the two always agree. A
+//! value not known yet (the loss before the first step) is left out.
 
 use crate::state::Shared;
 use crate::status::snapshot;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -21,20 +21,17 @@ use tokio_util::sync::CancellationToken;
 /// Upper bounds (seconds) of the step-latency histogram buckets.
 const BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
 
-/// What is counted as it happens (the driver observes; the endpoint reads).
+/// What is observed as it happens (the driver observes; the endpoint reads).
 #[derive(Debug, Clone)]
 pub struct Metrics {
     /// Wall time of each training step.
     pub step_seconds: Histogram,
-    /// Workers declared lost (missed heartbeats).
-    pub workers_lost: Counter,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             step_seconds: Histogram::new(BUCKETS),
-            workers_lost: Counter::default(),
         }
     }
 }
@@ -46,11 +43,6 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         "dtrain_step_seconds",
         "Wall time of a training step",
         shared.metrics.step_seconds.clone(),
-    );
-    registry.register(
-        "dtrain_worker_failures",
-        "Times a worker was declared lost",
-        shared.metrics.workers_lost.clone(),
     );
     registry.register_collector(Box::new(StatusCollector(shared)));
     registry
@@ -76,6 +68,7 @@ impl std::fmt::Debug for StatusCollector {
 impl Collector for StatusCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = snapshot(&self.0);
+        let lost = self.0.core().lost_total();
         let gauges = [
             ("dtrain_step", "Steps applied so far", Some(s.step as f64)),
             (
@@ -107,16 +100,10 @@ impl Collector for StatusCollector {
         ];
         for (name, help, value) in gauges {
             if let Some(v) = value {
-                let gauge = ConstGauge::new(v);
-                gauge.encode(encoder.encode_descriptor(
-                    name,
-                    help,
-                    None,
-                    gauge.metric_type(),
-                )?)?;
+                put(&mut encoder, name, help, ConstGauge::new(v))?;
             }
         }
-        // Totals kept by the coordinator since it started; encoded with the `_total` suffix.
+        // Totals since the coordinator started; encoded with the `_total` suffix.
         let counters = [
             (
                 "dtrain_examples_seen",
@@ -132,6 +119,11 @@ impl Collector for StatusCollector {
                 "dtrain_task_bytes_sent",
                 "Parameter and image bytes sent to workers",
                 s.bytes_sent,
+            ),
+            (
+                "dtrain_worker_failures",
+                "Times a worker was declared lost",
+                lost,
             ),
             (
                 "dtrain_bad_inputs",
@@ -150,16 +142,20 @@ impl Collector for StatusCollector {
             ),
         ];
         for (name, help, value) in counters {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                counter.metric_type(),
-            )?)?;
+            put(&mut encoder, name, help, ConstCounter::new(value))?;
         }
         Ok(())
     }
+}
+
+/// Encodes one metric under its name and help text.
+fn put(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
 /// Serves `/metrics` on the connections of `incoming` (plain or TLS, see

@@ -86,6 +86,11 @@ fn shown(v: Option<f64>) -> String {
     v.map_or("-".to_string(), |v| format!("{v:.4}"))
 }
 
+/// The ETA, once a step's time is measured ("-" before).
+fn eta(r: &StatusReply) -> String {
+    r.eta_secs.map_or("-".to_string(), |t| format!("{t:.0}s"))
+}
+
 fn status_text(r: &StatusReply) -> String {
     let mut out = format!(
         "{}{} model {} | epoch {} step {}/{} ({:.1}%) | loss {} | validation {} | {:.0} images/s | ETA {} | {} live workers\n",
@@ -103,7 +108,7 @@ fn status_text(r: &StatusReply) -> String {
         shown(r.last_loss),
         shown(r.last_validation_accuracy),
         r.images_per_sec,
-        r.eta_secs.map_or("-".to_string(), |t| format!("{t:.0}s")),
+        eta(r),
         r.live_workers
     );
     if let Some(acc) = r.test_accuracy {
@@ -192,7 +197,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
                 r.epoch,
                 shown(r.last_loss),
                 shown(r.last_validation_accuracy),
-                r.eta_secs.map_or("-".to_string(), |t| format!("{t:.0}s")),
+                eta(&r),
                 r.live_workers,
                 state_name(r.state)
             );

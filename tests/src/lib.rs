@@ -268,23 +268,15 @@ pub async fn run_job_in_process(
     args: &[impl AsRef<str>],
     within: Duration,
 ) -> Result<()> {
-    let mut all = vec!["--workers".to_string(), workers.to_string()];
-    all.extend(args.iter().map(|a| a.as_ref().to_string()));
-    let c = InProcess::start(&all).await?;
-    let mut ws: Vec<Proc> = (0..workers)
-        .map(|i| start_worker(dir, &format!("worker{i}"), &c.url, &[]))
-        .collect::<Result<_>>()?;
+    let c = InProcess::start(&job_args(workers, args)).await?;
+    let mut ws = start_workers(dir, workers, &c.url)?;
     let outcome = c.finish(within).await;
-    let tails: String = ws.iter().map(Proc::tail).collect::<Vec<_>>().join("\n");
     anyhow::ensure!(
         matches!(outcome, Ok(coordinator::driver::Outcome::Finished { .. })),
-        "the job did not finish: {outcome:?}\n{tails}"
+        "the job did not finish: {outcome:?}\n{}",
+        tails(&ws)
     );
-    for w in &mut ws {
-        let s = w.wait_exit(Duration::from_secs(30))?;
-        anyhow::ensure!(s.success(), "worker {} failed: {s}\n{}", w.name, w.tail());
-    }
-    Ok(())
+    workers_exit_cleanly(&mut ws)
 }
 
 /// A coordinator's command line on 127.0.0.1:0 (gRPC and metrics) with the shared MNIST and a
@@ -422,24 +414,44 @@ pub fn run_job(
     args: &[impl AsRef<str>],
     within: Duration,
 ) -> Result<String> {
-    let mut all = vec!["--workers".to_string(), workers.to_string()];
-    all.extend(args.iter().map(|a| a.as_ref().to_string()));
-    let (mut c, url) = start_coordinator(dir, "coordinator", &all)?;
-    let mut ws: Vec<Proc> = (0..workers)
-        .map(|i| start_worker(dir, &format!("worker{i}"), &url, &[]))
-        .collect::<Result<_>>()?;
+    let (mut c, url) = start_coordinator(dir, "coordinator", &job_args(workers, args))?;
+    let mut ws = start_workers(dir, workers, &url)?;
     let status = c.wait_exit(within)?;
-    let tails: String = ws.iter().map(Proc::tail).collect::<Vec<_>>().join("\n");
     anyhow::ensure!(
         status.success(),
-        "coordinator failed: {status}\n{}\n{tails}",
-        c.tail()
+        "coordinator failed: {status}\n{}\n{}",
+        c.tail(),
+        tails(&ws)
     );
-    for w in &mut ws {
+    workers_exit_cleanly(&mut ws)?;
+    Ok(c.log_text())
+}
+
+/// `--workers N` and then `args`.
+fn job_args(workers: usize, args: &[impl AsRef<str>]) -> Vec<String> {
+    let mut all = vec!["--workers".to_string(), workers.to_string()];
+    all.extend(args.iter().map(|a| a.as_ref().to_string()));
+    all
+}
+
+/// `n` workers (`worker0`, ...) against `url`.
+fn start_workers(dir: &Path, n: usize, url: &str) -> Result<Vec<Proc>> {
+    (0..n)
+        .map(|i| start_worker(dir, &format!("worker{i}"), url, &[]))
+        .collect()
+}
+
+fn tails(procs: &[Proc]) -> String {
+    procs.iter().map(Proc::tail).collect::<Vec<_>>().join("\n")
+}
+
+/// Waits for every worker to exit after the job's end; an error unless all succeeded.
+fn workers_exit_cleanly(ws: &mut [Proc]) -> Result<()> {
+    for w in ws {
         let s = w.wait_exit(Duration::from_secs(30))?;
         anyhow::ensure!(s.success(), "worker {} failed: {s}\n{}", w.name, w.tail());
     }
-    Ok(c.log_text())
+    Ok(())
 }
 
 /// The coordinator's default training config, stopping after `steps`.

@@ -146,20 +146,28 @@ fn libtorch_cluster_trains_through_the_real_binaries() {
     assert!(last.1 > 0.8, "validation accuracy {acc:?}");
 }
 
+/// Trains `steps` steps on a flex and a libtorch worker, then on two flex workers; checks the
+/// libtorch worker answered shards; returns the parameters' relative L2 difference and both
+/// coordinators' logs.
+fn mixed_vs_flex(steps: u64) -> (f64, String, String) {
+    let (log, mixed, shards) = train(&format!("mixed-{steps}"), &["flex", "tch"], steps);
+    let (flex_log, flex, _) = train(&format!("flex-{steps}"), &["flex", "flex"], steps);
+    println!(
+        "{steps} steps, shards answered: flex {}, tch {}",
+        shards[0], shards[1]
+    );
+    assert!(shards[1] > 0, "the libtorch worker answered no shard");
+    let l2 = relative_l2(&mixed, &flex);
+    println!("parameters after {steps} steps, mixed vs flex: relative L2 difference {l2:.2e}");
+    (l2, log, flex_log)
+}
+
 #[test]
 fn libtorch_and_flex_workers_train_one_job_together() {
     // The same job on flex alone. The flex result does not depend on how many flex workers
     // compute it (bit for bit), so any difference is the libtorch worker's rounding: some,
     // because it computed, and after 4 steps no more than rounding explains.
-    let (_, mixed, shards) = train("mixed-4", &["flex", "tch"], 4);
-    let (_, flex, _) = train("flex-4", &["flex", "flex"], 4);
-    println!(
-        "4 steps, shards answered: flex {}, tch {}",
-        shards[0], shards[1]
-    );
-    assert!(shards[1] > 0, "the libtorch worker answered no shard");
-    let l2 = relative_l2(&mixed, &flex);
-    println!("parameters after 4 steps, mixed vs flex: relative L2 difference {l2:.2e}");
+    let (l2, _, _) = mixed_vs_flex(4);
     assert!(
         l2 > 0.0,
         "bit-identical to flex alone: the libtorch worker did nothing"
@@ -168,17 +176,8 @@ fn libtorch_and_flex_workers_train_one_job_together() {
         l2 < L2_ROUNDING,
         "relative L2 difference {l2:.2e} after 4 steps"
     );
-
     // 40 steps: the training outcome is the same.
-    let (log, mixed, shards) = train("mixed-cluster", &["flex", "tch"], 40);
-    let (flex_log, flex, _) = train("flex-cluster", &["flex", "flex"], 40);
-    println!(
-        "40 steps, shards answered: flex {}, tch {}",
-        shards[0], shards[1]
-    );
-    assert!(shards[1] > 0, "the libtorch worker answered no shard");
-    let l2 = relative_l2(&mixed, &flex);
-    println!("parameters after 40 steps, mixed vs flex: relative L2 difference {l2:.2e}");
+    let (l2, log, flex_log) = mixed_vs_flex(40);
     assert!(l2 < L2_AFTER_40_STEPS, "relative L2 difference {l2:.2e}");
     let (m, f) = (
         *validation_accuracies(&log).last().unwrap(),
