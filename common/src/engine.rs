@@ -2,9 +2,10 @@
 //! out, on a backend chosen at run time (`flex`, pure Rust, by default; `tch`, libtorch, with
 //! the `tch` feature).
 //!
-//! Parameters arrive as one flat vector in [`ModelSpec::params`] order and become one 1-D
-//! autodiff leaf each, reshaped inside the forward pass; their gradients therefore come back
-//! already flat, in the same order, ready for the wire.
+//! Parameters arrive as one flat vector in [`ModelSpec::params`] order, go to the device in one
+//! piece and are cut there into one 1-D autodiff leaf each, reshaped inside the forward pass;
+//! their gradients are joined on the device into one flat vector in the same order, summed
+//! along the reduction tree there, and come back one node at a time, ready for the wire.
 //!
 //! Dropout masks are drawn on the host from a seed the caller gives per micro-batch, so the
 //! same micro-batch gets the same mask whichever worker (or backend) computes it.
@@ -13,14 +14,17 @@ use crate::Error;
 use crate::mnist::{CLASSES, INPUT_MEAN, INPUT_SCALE, INPUT_STD, PIXELS, SIDE, Split};
 use crate::model::{ModelKind, ModelSpec, ParamSpec, Pool, inception};
 use crate::shapes::{Padding, padding_pairs};
+use crate::tree::{Node, combine_by};
 use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::module::{avg_pool2d, conv2d, linear, max_pool2d};
 use burn::tensor::ops::{AvgPoolOptions, ConvOptions, MaxPoolOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::time::{Duration, Instant};
 
 /// Which tensor library runs the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,12 +115,36 @@ pub struct MicroBatch<'a> {
     pub dropout_seed: u64,
 }
 
-/// The gradient of the summed (not averaged) cross-entropy over a micro-batch.
+/// The gradient of the summed (not averaged) cross-entropy over a micro-batch, or summed over
+/// the micro-batches of a tree node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gradient {
     pub values: Vec<f32>,
     pub loss_sum: f64,
     pub examples: u32,
+}
+
+/// Where a gradient computation spent its time (wall clock, added up over calls). On a GPU the
+/// host waits for the device when it reads the loss (in `forward`) and the sums (in
+/// `download`); kernels still running at the end of `backward` count in `download`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Phases {
+    /// The parameters: host copy, transfer, cut into leaves.
+    pub upload: Duration,
+    /// Images, labels and dropout mask to the device, forward pass, loss read back.
+    pub forward: Duration,
+    /// Backward pass and each micro-batch's gradient flattened on the device.
+    pub backward: Duration,
+    /// Micro-batch gradients summed along the tree on the device.
+    pub reduce: Duration,
+    /// Each node's sum to the host.
+    pub download: Duration,
+}
+
+impl Phases {
+    pub fn total(&self) -> Duration {
+        self.upload + self.forward + self.backward + self.reduce + self.download
+    }
 }
 
 /// Runs one model on one device.
@@ -161,57 +189,104 @@ impl Engine {
         self.param_count
     }
 
-    /// One gradient per micro-batch, each from its own forward and backward pass.
+    /// One gradient per micro-batch, each from its own forward and backward pass (each leaf
+    /// its own node of [`node_gradients`](Self::node_gradients)).
     pub fn gradients(
         &self,
         params: &[f32],
         batches: &[MicroBatch<'_>],
     ) -> Result<Vec<Gradient>, Error> {
+        let leaves: Vec<Node> = (0..batches.len() as u32)
+            .map(|i| Node::new(i, i + 1))
+            .collect();
+        self.node_gradients(params.to_vec(), 0, batches, &leaves, &mut Phases::default())
+    }
+
+    /// The gradient sums of `nodes` of the reduction tree over the micro-batches `batches`,
+    /// which are the leaves `first..first + batches.len()`.
+    ///
+    /// The parameters go to the device once, as one flat tensor cut into the leaves; each
+    /// micro-batch's gradient stays on the device, flattened into one tensor, and is summed
+    /// there along the tree (the same additions, in the same order, as
+    /// [`combine`](crate::tree::combine) on the host, so the bits do not depend on where they
+    /// were added); each node's sum comes back to the host in one piece. `params` is taken by
+    /// value so that a worker's decoded vector becomes the device tensor without another copy.
+    /// Where the time went is added to `phases`.
+    pub fn node_gradients(
+        &self,
+        params: Vec<f32>,
+        first: u32,
+        batches: &[MicroBatch<'_>],
+        nodes: &[Node],
+        phases: &mut Phases,
+    ) -> Result<Vec<Gradient>, Error> {
+        let clock = Instant::now();
         let device = self.device.clone().autodiff();
         let leaves: Vec<Tensor<1>> = self
-            .split(params)?
+            .upload(params, &device)?
             .into_iter()
-            .map(|p| {
-                Tensor::<1>::from_data(TensorData::new(p.to_vec(), [p.len()]), &device)
-                    .require_grad()
-            })
+            .map(Tensor::require_grad)
             .collect();
-        batches
-            .iter()
-            .map(|b| {
-                let n = check_batch(b.images, b.labels)?;
-                let mask =
-                    (self.keep_prob < 1.0).then(|| self.dropout_mask(n, b.dropout_seed, &device));
-                let logits = self.forward(&leaves, images_tensor(b.images, &device), mask);
-                let onehot = onehot_tensor(b.labels, &device);
-                let loss = (log_softmax(logits, 1) * onehot).sum().neg();
-                let loss_sum = f64::from(scalar(&loss)?);
-                let grads = loss.backward();
-                let mut values = Vec::with_capacity(self.param_count);
-                for leaf in &leaves {
-                    // A parameter the loss does not reach has a zero gradient.
-                    match leaf.grad(&grads) {
-                        Some(g) => values.extend(to_vec(g)?),
-                        None => values.extend(std::iter::repeat_n(0.0, leaf.dims()[0])),
-                    }
-                }
-                Ok(Gradient {
-                    values,
-                    loss_sum,
-                    examples: n as u32,
+        phases.upload += clock.elapsed();
+
+        let mut sums: BTreeMap<Node, Tensor<1>> = BTreeMap::new();
+        let mut losses = Vec::with_capacity(batches.len());
+        for (i, b) in batches.iter().enumerate() {
+            let clock = Instant::now();
+            let n = check_batch(b.images, b.labels)?;
+            let mask =
+                (self.keep_prob < 1.0).then(|| self.dropout_mask(n, b.dropout_seed, &device));
+            let logits = self.forward(&leaves, images_tensor(b.images, &device), mask);
+            let onehot = onehot_tensor(b.labels, &device);
+            let loss = (log_softmax(logits, 1) * onehot).sum().neg();
+            // Reading the loss waits for the forward pass (on a GPU too).
+            losses.push((f64::from(scalar(&loss)?), n as u32));
+            phases.forward += clock.elapsed();
+
+            let clock = Instant::now();
+            let grads = loss.backward();
+            // A parameter the loss does not reach has a zero gradient.
+            let flat: Vec<Tensor<1>> = leaves
+                .iter()
+                .map(|leaf| {
+                    leaf.grad(&grads)
+                        .unwrap_or_else(|| Tensor::zeros([leaf.dims()[0]], &self.device))
                 })
-            })
-            .collect()
+                .collect();
+            let leaf = first + i as u32;
+            sums.insert(Node::new(leaf, leaf + 1), Tensor::cat(flat, 0));
+            phases.backward += clock.elapsed();
+        }
+
+        let mut out = Vec::with_capacity(nodes.len());
+        for &node in nodes {
+            let clock = Instant::now();
+            let sum = combine_by(node, &mut sums, &mut |a, b| a + b).ok_or_else(|| {
+                Error::BadBatch(format!(
+                    "node {}..{} is not made of the leaves {first}..{} (once each)",
+                    node.lo,
+                    node.hi,
+                    first + batches.len() as u32
+                ))
+            })?;
+            phases.reduce += clock.elapsed();
+            let clock = Instant::now();
+            let values = to_vec(sum)?;
+            phases.download += clock.elapsed();
+            let under = &losses[(node.lo - first) as usize..(node.hi - first) as usize];
+            out.push(Gradient {
+                values,
+                loss_sum: under.iter().map(|(l, _)| l).sum(),
+                examples: under.iter().map(|(_, n)| n).sum(),
+            });
+        }
+        Ok(out)
     }
 
     /// Predicted classes for `images`, evaluated in chunks with dropout off.
     pub fn predict(&self, params: &[f32], images: &[u8]) -> Result<Vec<u8>, Error> {
         const CHUNK: usize = 500;
-        let leaves: Vec<Tensor<1>> = self
-            .split(params)?
-            .into_iter()
-            .map(|p| Tensor::<1>::from_data(TensorData::new(p.to_vec(), [p.len()]), &self.device))
-            .collect();
+        let leaves = self.upload(params.to_vec(), &self.device)?;
         let mut out = Vec::with_capacity(images.len() / PIXELS);
         for chunk in images.chunks(CHUNK * PIXELS) {
             let logits = self.forward(&leaves, images_tensor(chunk, &self.device), None);
@@ -239,11 +314,27 @@ impl Engine {
         Ok(correct as f64 / split.len() as f64)
     }
 
-    fn split<'p>(&self, params: &'p [f32]) -> Result<Vec<&'p [f32]>, Error> {
-        crate::model::split_flat(&self.params, params).ok_or(Error::ParamCount {
-            expected: self.param_count,
-            got: params.len(),
-        })
+    /// The parameters on `device`: one flat tensor (the vector itself where the device is the
+    /// host), cut into one tensor per parameter (views of it where the backend has views).
+    fn upload(&self, params: Vec<f32>, device: &Device) -> Result<Vec<Tensor<1>>, Error> {
+        if params.len() != self.param_count {
+            return Err(Error::ParamCount {
+                expected: self.param_count,
+                got: params.len(),
+            });
+        }
+        let n = params.len();
+        let flat = Tensor::<1>::from_data(TensorData::new(params, [n]), device);
+        let mut at = 0;
+        Ok(self
+            .params
+            .iter()
+            .map(|p| {
+                let piece = flat.clone().slice(at..at + p.len());
+                at += p.len();
+                piece
+            })
+            .collect())
     }
 
     fn dropout_mask(&self, rows: usize, seed: u64, device: &Device) -> Tensor<2> {

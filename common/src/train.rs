@@ -3,14 +3,13 @@
 //! same SGD, so the cluster must reproduce it bit for bit on one backend.
 
 use crate::Error;
-use crate::engine::{Engine, MicroBatch};
+use crate::engine::{Engine, MicroBatch, Phases};
 use crate::mnist::Split;
 use crate::model::ModelSpec;
 use crate::schedule::Schedule;
 use crate::sgd::Sgd;
-use crate::tree::{Node, combine};
+use crate::tree::Node;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 /// Everything that determines a training run's result (saved in every checkpoint).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,11 +28,49 @@ pub struct TrainConfig {
     /// Clip the step's mean gradient to this global L2 norm, as PyTorch's `clip_grad_norm_`.
     #[serde(default)]
     pub clip_grad_norm: Option<f32>,
+    /// How the learning rate moves over the job (checkpoints written before schedules existed
+    /// read as constant, which is what they trained with).
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+}
+
+/// The learning rate of each step, from the configured `lr`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// `lr` at every step (the lecture's).
+    #[default]
+    Constant,
+    /// From `lr` at the first step down to zero after the last of the job's epochs, in a
+    /// straight line. The horizon is the epochs, not `max_steps`: stopping early with
+    /// `--max-steps` and resuming later trains exactly as the uninterrupted job would.
+    Linear,
+}
+
+impl std::str::FromStr for LrSchedule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "constant" => Ok(LrSchedule::Constant),
+            "linear" => Ok(LrSchedule::Linear),
+            other => Err(format!("unknown schedule {other:?} (constant or linear)")),
+        }
+    }
+}
+
+impl std::fmt::Display for LrSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LrSchedule::Constant => "constant",
+            LrSchedule::Linear => "linear",
+        })
+    }
 }
 
 impl TrainConfig {
-    /// The default job: momentum SGD tuned to reach 99% test accuracy in 3 epochs (the
-    /// coordinator's `--preset default` with no other flags).
+    /// The default job: momentum SGD from lr 0.05 decaying linearly to zero over 5 epochs,
+    /// which reaches 99.27% test accuracy on 2 workers (the coordinator's `--preset default`
+    /// with no other flags; the suite's full run checks >= 99.2%).
     pub const DEFAULT: TrainConfig = TrainConfig {
         model: ModelSpec::SEED,
         batch_size: 128,
@@ -42,9 +79,10 @@ impl TrainConfig {
         momentum: 0.9,
         keep_prob: 0.75,
         seed: 1,
-        epochs: 3,
+        epochs: 5,
         max_steps: None,
         clip_grad_norm: None,
+        lr_schedule: LrSchedule::Linear,
     };
 
     pub fn schedule(&self, train_len: usize) -> Schedule {
@@ -62,15 +100,29 @@ impl TrainConfig {
         self.max_steps.map_or(by_epochs, |m| m.min(by_epochs))
     }
 
+    /// The learning rate of `step` (0-based), with `steps_per_epoch` steps in an epoch.
+    /// Computed in f64 from integers, so every machine gets the same bits.
+    pub fn lr_at(&self, step: u64, steps_per_epoch: u64) -> f32 {
+        match self.lr_schedule {
+            LrSchedule::Constant => self.lr,
+            LrSchedule::Linear => {
+                let horizon = (self.epochs * steps_per_epoch).max(1);
+                let left = horizon.saturating_sub(step) as f64 / horizon as f64;
+                (f64::from(self.lr) * left) as f32
+            }
+        }
+    }
+
     /// What a resumed run must share with the checkpoint it resumes: everything but how long
-    /// to train, the learning rate and clipping (those may change on resume: to extend a run,
-    /// or to go on from a diverged one with a lower rate).
+    /// to train, the learning rate, its schedule and clipping (those may change on resume: to
+    /// extend a run, or to go on from a diverged one with a lower rate).
     pub fn identity(&self) -> TrainConfig {
         TrainConfig {
             epochs: 0,
             max_steps: None,
             lr: 0.0,
             clip_grad_norm: None,
+            lr_schedule: LrSchedule::Constant,
             ..self.clone()
         }
     }
@@ -105,11 +157,17 @@ impl TrainState {
         }
     }
 
-    /// Applies one step's summed gradient, clipped to `clip` (see [`TrainConfig`]). Returns the
-    /// L2 norm of the mean gradient before clipping. A non-finite gradient leaves the state as it
-    /// was; a step whose parameters come out non-finite leaves it unusable. Both are
-    /// [`Error::Diverged`].
-    pub fn apply(&mut self, sum: &[f32], examples: u32, clip: Option<f32>) -> Result<f64, Error> {
+    /// Applies one step's summed gradient at learning rate `lr`, clipped to `clip` (see
+    /// [`TrainConfig`]). Returns the L2 norm of the mean gradient before clipping. A non-finite
+    /// gradient leaves the state as it was; a step whose parameters come out non-finite leaves
+    /// it unusable. Both are [`Error::Diverged`].
+    pub fn apply(
+        &mut self,
+        sum: &[f32],
+        examples: u32,
+        lr: f32,
+        clip: Option<f32>,
+    ) -> Result<f64, Error> {
         let mean = 1.0 / examples.max(1) as f32;
         let norm = crate::sgd::l2_norm(sum) * f64::from(mean);
         if !norm.is_finite() {
@@ -120,6 +178,7 @@ impl TrainState {
         } else {
             mean
         };
+        self.sgd.lr = lr;
         if !self.sgd.step(&mut self.params, sum, scale) {
             return Err(Error::Diverged("a parameter became NaN or infinite".into()));
         }
@@ -182,16 +241,6 @@ pub fn micro_batches<'b>(
         .collect()
 }
 
-/// Sums per-leaf gradients starting at leaf `first` into the sums of `nodes`, along the tree.
-pub fn node_sums(first: u32, leaf_grads: Vec<Vec<f32>>, nodes: &[Node]) -> Option<Vec<Vec<f32>>> {
-    let mut have: BTreeMap<Node, Vec<f32>> = leaf_grads
-        .into_iter()
-        .enumerate()
-        .map(|(i, g)| (Node::new(first + i as u32, first + i as u32 + 1), g))
-        .collect();
-    nodes.iter().map(|&n| combine(n, &mut have)).collect()
-}
-
 /// One step of the reference loop: returns the mean loss.
 pub fn local_step(
     cfg: &TrainConfig,
@@ -202,19 +251,20 @@ pub fn local_step(
     let schedule = batcher.schedule;
     let batch = batcher.batch(state.step);
     let leaves = schedule.leaves().len() as u32;
-    let grads = engine.gradients(
-        &state.params,
-        &micro_batches(&batch, &schedule, state.step, 0..leaves),
-    )?;
-    let loss: f64 = grads.iter().map(|g| g.loss_sum).sum();
-    let examples: u32 = grads.iter().map(|g| g.examples).sum();
-    let root = Node::root(leaves);
-    let sum = node_sums(0, grads.into_iter().map(|g| g.values).collect(), &[root])
-        .and_then(|mut v| v.pop())
+    let root = engine
+        .node_gradients(
+            state.params.clone(),
+            0,
+            &micro_batches(&batch, &schedule, state.step, 0..leaves),
+            &[Node::root(leaves)],
+            &mut Phases::default(),
+        )?
+        .pop()
         .ok_or_else(|| Error::BadBatch("reduction tree incomplete".into()))?;
-    state.apply(&sum, examples, cfg.clip_grad_norm)?;
-    debug_assert!(cfg.batch_size as u32 == examples);
-    Ok(loss / f64::from(examples.max(1)))
+    let lr = cfg.lr_at(state.step, schedule.steps_per_epoch());
+    state.apply(&root.values, root.examples, lr, cfg.clip_grad_norm)?;
+    debug_assert!(cfg.batch_size as u32 == root.examples);
+    Ok(root.loss_sum / f64::from(root.examples.max(1)))
 }
 
 /// Trains `steps` steps in this process, the way the cluster would.
@@ -253,5 +303,28 @@ mod tests {
         assert_eq!(longer.job_name(), name);
         let other = TrainConfig { seed: 2, ..base };
         assert_ne!(other.job_name(), name);
+    }
+
+    #[test]
+    fn the_linear_schedule_falls_from_lr_to_zero_over_the_epochs_and_ignores_max_steps() {
+        let cfg = TrainConfig {
+            epochs: 2,
+            max_steps: Some(3),
+            ..TrainConfig::DEFAULT
+        };
+        assert_eq!(cfg.lr_at(0, 10), 0.05);
+        assert_eq!(cfg.lr_at(10, 10), 0.025);
+        assert_eq!(cfg.lr_at(19, 10), (0.05f64 / 20.0) as f32);
+        assert_eq!(cfg.lr_at(25, 10), 0.0);
+        let constant = TrainConfig {
+            lr_schedule: LrSchedule::Constant,
+            ..cfg
+        };
+        assert_eq!(constant.lr_at(19, 10), 0.05);
+        // An old checkpoint's config (no schedule field) trained at a constant rate.
+        let mut json = serde_json::to_value(&constant).unwrap();
+        json.as_object_mut().unwrap().remove("lr_schedule");
+        let old: TrainConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(old.lr_schedule, LrSchedule::Constant);
     }
 }

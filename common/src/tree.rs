@@ -63,16 +63,27 @@ pub fn decompose(root: Node, range: Range<u32>) -> Vec<Node> {
 /// The sum at `node`, built from the sums in `have` (consumed) along the tree. `None` when some
 /// leaf under `node` is covered by nothing in `have`.
 pub fn combine(node: Node, have: &mut BTreeMap<Node, Vec<f32>>) -> Option<Vec<f32>> {
+    combine_by(node, have, &mut |mut left: Vec<f32>, right: Vec<f32>| {
+        for (a, b) in left.iter_mut().zip(&right) {
+            *a += b;
+        }
+        left
+    })
+}
+
+/// [`combine`] for any kind of value (a device tensor, say), with `add(left, right)`.
+pub fn combine_by<T>(
+    node: Node,
+    have: &mut BTreeMap<Node, T>,
+    add: &mut impl FnMut(T, T) -> T,
+) -> Option<T> {
     if let Some(v) = have.remove(&node) {
         return Some(v);
     }
     let (l, r) = node.children()?;
-    let mut left = combine(l, have)?;
-    let right = combine(r, have)?;
-    for (a, b) in left.iter_mut().zip(&right) {
-        *a += b;
-    }
-    Some(left)
+    let left = combine_by(l, have, add)?;
+    let right = combine_by(r, have, add)?;
+    Some(add(left, right))
 }
 
 /// Cuts `leaves` into at most `parts` contiguous, near-equal ranges.

@@ -5,8 +5,9 @@
 //! cannot work.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use common::codec::WireFormat;
 use common::model::{ModelKind, ModelSpec, Pool};
-use common::train::TrainConfig;
+use common::train::{LrSchedule, TrainConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -125,8 +126,15 @@ pub enum PoolArg {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WireArg {
+    F32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Preset {
-    /// Momentum SGD tuned to reach 99% test accuracy in 3 epochs.
+    /// Momentum SGD (lr 0.05, momentum 0.9) decaying linearly to zero over 5 epochs: 99.27%
+    /// test accuracy.
     Default,
     /// The lecture's exact hyperparameters: plain gradient descent at lr 0.00001, 10 epochs,
     /// validation on 256 images after every batch, test on 256 images.
@@ -229,6 +237,10 @@ pub struct TrainArgs {
     pub lr: Option<f32>,
     #[arg(long, env = "COORDINATOR_MOMENTUM")]
     pub momentum: Option<f32>,
+    /// How the learning rate moves: linear (from --lr down to zero at the end of the last
+    /// epoch; the default preset's) or constant (the seed preset's).
+    #[arg(long, env = "COORDINATOR_LR_SCHEDULE")]
+    pub lr_schedule: Option<LrSchedule>,
     /// Dropout keep probability of the hidden dense layer.
     #[arg(long, env = "COORDINATOR_KEEP_PROB", default_value_t = 0.75)]
     pub keep_prob: f32,
@@ -278,6 +290,12 @@ pub struct TrainArgs {
     /// the worker, see --max-bad-inputs); 0: no bound.
     #[arg(long, env = "COORDINATOR_MAX_NODE_GRAD_NORM", default_value_t = 1e6)]
     pub max_node_grad_norm: f64,
+    /// How parameters and gradients travel: f32 (exact; results do not depend on the number of
+    /// workers) or bf16 (half the bytes; each tensor rounded to 3 significant digits in
+    /// flight, so results depend slightly on how the batch was shared out). The coordinator's
+    /// weights and momentum stay f32 either way.
+    #[arg(long, env = "COORDINATOR_WIRE_FORMAT", default_value = "f32")]
+    pub wire_format: WireArg,
     /// Seconds the server stays up after the job ends, so workers hear it is over and status
     /// clients read the outcome (health says NOT_SERVING meanwhile).
     #[arg(long, env = "COORDINATOR_LINGER", default_value_t = 3.0)]
@@ -288,6 +306,8 @@ pub struct TrainArgs {
 #[derive(Debug, Clone)]
 pub struct JobConfig {
     pub train: TrainConfig,
+    /// How parameters and gradients travel to and from workers.
+    pub wire: WireFormat,
     pub eval_every: u64,
     pub validation_size: usize,
     pub test_size: usize,
@@ -311,9 +331,18 @@ impl TrainArgs {
             epochs: self.epochs.unwrap_or(if lecture { 10 } else { d.epochs }),
             max_steps: self.max_steps,
             clip_grad_norm: self.clip_grad_norm,
+            lr_schedule: self.lr_schedule.unwrap_or(if lecture {
+                LrSchedule::Constant
+            } else {
+                d.lr_schedule
+            }),
         };
         JobConfig {
             train,
+            wire: match self.wire_format {
+                WireArg::F32 => WireFormat::F32,
+                WireArg::Bf16 => WireFormat::Bf16,
+            },
             eval_every: self.eval_every.unwrap_or(if lecture { 1 } else { 100 }),
             validation_size: self.validation_size.unwrap_or(if lecture {
                 256
@@ -357,7 +386,13 @@ impl TrainArgs {
                 self.max_workers < self.workers.max(self.min_workers),
                 "--max-workers must be at least --workers and --min-workers".into(),
             ),
-            (t.batch_size == 0, "--batch-size must be at least 1".into()),
+            (
+                t.batch_size == 0 || t.batch_size > common::mnist::TRAIN,
+                format!(
+                    "--batch-size must be between 1 and the {} training images",
+                    common::mnist::TRAIN
+                ),
+            ),
             (
                 t.micro_batch == 0 || t.micro_batch > t.batch_size,
                 format!(
@@ -451,4 +486,28 @@ fn message_sizes_fit(t: &TrainConfig) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The message bound never binds for a valid job: the largest task there can be (the
+    /// largest model's parameters and a batch of every training image, one image a micro-batch,
+    /// all to one worker) and the largest gradient fit it.
+    #[test]
+    fn every_valid_job_fits_the_message_bound() {
+        for kind in [ModelKind::Seed, ModelKind::Inception] {
+            let t = TrainConfig {
+                model: ModelSpec {
+                    kind,
+                    pool: common::model::Pool::Max,
+                },
+                batch_size: common::mnist::TRAIN,
+                micro_batch: 1,
+                ..TrainConfig::DEFAULT
+            };
+            assert_eq!(message_sizes_fit(&t), Ok(()), "{kind}");
+        }
+    }
 }

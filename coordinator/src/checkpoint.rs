@@ -350,6 +350,8 @@ impl CheckpointStore {
             step: manifest.step,
             params,
             sgd: Sgd {
+                // The rate of the next step is worked out from the job's config when it is
+                // applied; this is the base rate until then.
                 lr: cfg.lr,
                 momentum: cfg.momentum,
                 velocity,
@@ -424,11 +426,19 @@ fn checkpoint_name(step: u64) -> String {
     format!("step-{step:010}")
 }
 
+/// The one retry policy of checkpoint writes and reads on remote stores: each request is
+/// retried with exponential backoff (250 ms doubling to 5 s) for up to 15 s, which rides out a
+/// store restarting; the driver does not retry on top of it (a checkpoint that still fails is
+/// reported in status, and the next one tries again).
 fn retry_config() -> object_store::RetryConfig {
     object_store::RetryConfig {
-        max_retries: 4,
-        retry_timeout: Duration::from_secs(20),
-        backoff: object_store::BackoffConfig::default(),
+        max_retries: 8,
+        retry_timeout: Duration::from_secs(15),
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(5),
+            base: 2.0,
+        },
     }
 }
 

@@ -1,6 +1,6 @@
 //! The training driver: the one task that owns the parameters. Each step it publishes the batch
 //! and parameters, opens a round, waits (with deadlines) for the workers' gradients, applies
-//! SGD, validates, checkpoints and reports. Everything a worker does reaches it through the
+//! SGD, starts a validation (off the critical path), checkpoints and reports. Everything a worker does reaches it through the
 //! round state machine in [`crate::core`].
 
 use crate::args::JobConfig;
@@ -26,6 +26,15 @@ fn shown_loss(loss: f64) -> String {
     } else {
         format!("{loss:.3e}")
     }
+}
+
+/// A validation running on a snapshot of the parameters after `step`.
+struct Validation {
+    step: u64,
+    epoch: u64,
+    pos: u64,
+    loss: f64,
+    task: JoinHandle<Result<f64, common::Error>>,
 }
 
 /// How a round ended.
@@ -85,6 +94,7 @@ impl Driver {
         );
         let mut batcher = Batcher::new(train, schedule);
         let mut pending_save: Option<JoinHandle<()>> = None;
+        let mut validating: Option<Validation> = None;
         let mut loss_watch = LossWatch::default();
         {
             let mut s = self.shared.status();
@@ -116,7 +126,7 @@ impl Driver {
             let examples = batch.labels.len() as u32;
             let data = StepData {
                 step,
-                params: common::codec::encode_f32(&state.params).into(),
+                params: common::codec::encode(self.job.wire, &state.params).into(),
                 batch,
                 leaves: leaves.clone(),
                 seed: cfg.seed,
@@ -139,7 +149,8 @@ impl Driver {
             };
             let loss = result.loss_sum / f64::from(examples.max(1));
             // A non-finite step fails the job; the state is not used (nor saved) again.
-            let grad_norm = match state.apply(&result.sum, examples, cfg.clip_grad_norm) {
+            let lr = cfg.lr_at(step, schedule.steps_per_epoch());
+            let grad_norm = match state.apply(&result.sum, examples, lr, cfg.clip_grad_norm) {
                 Ok(norm) if loss.is_finite() => norm,
                 Ok(_) => {
                     let why = "the loss is not finite";
@@ -161,19 +172,14 @@ impl Driver {
             let epoch_end = pos + 1 == schedule.steps_per_epoch();
             let last = state.step == total;
             let validate = state.step.is_multiple_of(self.job.eval_every) || epoch_end || last;
-            let accuracy = if validate {
-                let acc = self.accuracy(&state, validation.clone()).await?;
-                info!(
-                    "Epoch {:>2}, Batch {:>3} - Loss: {:>10.4} Validation Accuracy: {:.6}",
-                    epoch + 1,
-                    pos + 1,
-                    loss,
-                    acc
-                );
-                Some(acc)
-            } else {
-                None
-            };
+            // Validation runs beside the next steps, on a copy of these parameters; one at a
+            // time (a new one first waits for the last), each reported when it ends.
+            if let Some(v) = validating.take_if(|v| validate || v.task.is_finished()) {
+                self.report_validation(v).await?;
+            }
+            if validate {
+                validating = Some(self.validate(&state, &validation, epoch, pos, loss));
+            }
             let warning = if validate {
                 loss_watch.evaluate()
             } else {
@@ -189,13 +195,11 @@ impl Driver {
                     s.warning = warning;
                 }
                 s.last_grad_norm = Some(grad_norm);
+                s.learning_rate = f64::from(lr);
                 s.step = state.step;
                 s.epoch = epoch;
                 s.examples_seen += u64::from(examples);
                 s.last_loss = Some(loss);
-                if accuracy.is_some() {
-                    s.last_validation_accuracy = accuracy;
-                }
                 if s.recent_step_seconds.len() == crate::state::RECENT_STEPS {
                     s.recent_step_seconds.pop_front();
                 }
@@ -210,7 +214,8 @@ impl Driver {
                 s.history.push(HistoryPoint {
                     step: state.step,
                     loss,
-                    validation_accuracy: accuracy,
+                    // Filled in when this step's validation ends.
+                    validation_accuracy: None,
                 });
             }
             self.shared.notify();
@@ -230,6 +235,9 @@ impl Driver {
             }
         }
 
+        if let Some(v) = validating.take() {
+            self.report_validation(v).await?;
+        }
         let test = self
             .data
             .test
@@ -366,6 +374,48 @@ impl Driver {
         }
     }
 
+    /// Starts validating the parameters of `state` (the step `pos` of `epoch`, at `loss`).
+    fn validate(
+        &self,
+        state: &TrainState,
+        split: &Arc<Split>,
+        epoch: u64,
+        pos: u64,
+        loss: f64,
+    ) -> Validation {
+        let engine = self.engine.clone();
+        let params = state.params.clone();
+        let split = split.clone();
+        Validation {
+            step: state.step,
+            epoch,
+            pos,
+            loss,
+            task: tokio::task::spawn_blocking(move || engine.accuracy(&params, &split)),
+        }
+    }
+
+    /// Waits for a validation and reports it: the lecture's line, status and history.
+    async fn report_validation(&self, v: Validation) -> anyhow::Result<()> {
+        let acc = v.task.await??;
+        info!(
+            "Epoch {:>2}, Batch {:>3} - Loss: {:>10.4} Validation Accuracy: {:.6}",
+            v.epoch + 1,
+            v.pos + 1,
+            v.loss,
+            acc
+        );
+        {
+            let mut s = self.shared.status();
+            s.last_validation_accuracy = Some(acc);
+            if let Some(point) = s.history.iter_mut().rev().find(|p| p.step == v.step) {
+                point.validation_accuracy = Some(acc);
+            }
+        }
+        self.shared.notify();
+        Ok(())
+    }
+
     async fn accuracy(&self, state: &TrainState, split: Arc<Split>) -> anyhow::Result<f64> {
         let engine = self.engine.clone();
         let params = state.params.clone();
@@ -446,7 +496,9 @@ impl Driver {
     }
 }
 
-/// Writes one checkpoint, retrying with backoff; a failure is reported in status, never fatal.
+/// Writes one checkpoint; a failure is reported in status, never fatal. Retrying is the store's
+/// own policy (object_store's `RetryConfig`, see `checkpoint.rs`), one loop, not two: a
+/// checkpoint that still fails is left to the next one.
 async fn save_with(
     store: &CheckpointStore,
     cfg: &common::train::TrainConfig,
@@ -455,22 +507,16 @@ async fn save_with(
     keep: usize,
     shared: &Shared,
 ) {
-    let mut delay = Duration::from_millis(250);
-    for attempt in 1..=4 {
-        match store.save(cfg, state, metrics.clone(), keep).await {
-            Ok(name) => {
-                info!(checkpoint = name, url = store.url(), "checkpoint written");
-                let mut s = shared.status();
-                s.last_checkpoint = Some(name);
-                s.checkpoint_error = None;
-                return;
-            }
-            Err(e) => {
-                warn!(attempt, error = %e, "checkpoint write failed");
-                shared.status().checkpoint_error = Some(e.to_string());
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
+    match store.save(cfg, state, metrics, keep).await {
+        Ok(name) => {
+            info!(checkpoint = name, url = store.url(), "checkpoint written");
+            let mut s = shared.status();
+            s.last_checkpoint = Some(name);
+            s.checkpoint_error = None;
+        }
+        Err(e) => {
+            warn!(error = %e, "checkpoint write failed");
+            shared.status().checkpoint_error = Some(e.to_string());
         }
     }
 }

@@ -94,13 +94,14 @@ pub async fn run(
             "resuming from checkpoint"
         );
         state = resumed;
-        if state.sgd.lr != cfg.lr {
+        let was = &manifest.config;
+        if (was.lr, was.lr_schedule) != (cfg.lr, cfg.lr_schedule) {
             info!(
-                from = %state.sgd.lr,
+                from = %was.lr,
                 to = %cfg.lr,
+                schedule = %cfg.lr_schedule,
                 "learning rate changed on resume"
             );
-            state.sgd.lr = cfg.lr;
         }
     }
 
@@ -121,7 +122,9 @@ pub async fn run(
         last_loss: None,
         last_validation_accuracy: None,
         test_accuracy: None,
-        learning_rate: f64::from(cfg.lr),
+        learning_rate: f64::from(
+            cfg.lr_at(state.step, cfg.schedule(data.train.len()).steps_per_epoch()),
+        ),
         images_per_sec: 0.0,
         gradient_bytes_received: 0,
         task_bytes_sent: 0,
@@ -140,8 +143,7 @@ pub async fn run(
     let shared = Shared::new(
         core,
         status,
-        cfg.model,
-        cfg.keep_prob,
+        &job,
         interval_ms,
         args.max_node_grad_norm(),
         security.refusals.clone(),

@@ -4,6 +4,7 @@
 
 use crate::core::{Accepted, CoreError, Submission, WorkerInfo};
 use crate::state::Shared;
+use common::codec::WireFormat;
 use common::tree::Node;
 use proto::trainer_server::Trainer;
 use proto::{
@@ -131,6 +132,10 @@ impl Trainer for TrainerService {
             keep_prob: self.shared.keep_prob,
             parameter_count: self.shared.param_count as u64,
             incarnation: self.shared.incarnation,
+            wire_format: match self.shared.wire {
+                WireFormat::F32 => proto::WireFormat::F32,
+                WireFormat::Bf16 => proto::WireFormat::Bf16,
+            } as i32,
         }))
     }
 
@@ -269,13 +274,14 @@ impl Trainer for TrainerService {
                     };
                     return Err(self.refuse(worker, &address, e));
                 }
-                let values = common::codec::decode_f32(&g.gradient, n).map_err(|e| {
-                    self.bad_input(
-                        worker,
-                        &address,
-                        &format!("gradient of the wrong length: {e}"),
-                    )
-                })?;
+                let values =
+                    common::codec::decode(self.shared.wire, &g.gradient, n).map_err(|e| {
+                        self.bad_input(
+                            worker,
+                            &address,
+                            &format!("gradient of the wrong length: {e}"),
+                        )
+                    })?;
                 let examples = data
                     .as_ref()
                     .and_then(|d| d.leaves.get(node.lo as usize..node.hi as usize))

@@ -83,6 +83,8 @@ pub struct Shared {
     pub param_count: usize,
     pub model: common::model::ModelSpec,
     pub keep_prob: f32,
+    /// How parameters and gradients travel (`--wire-format`).
+    pub wire: common::codec::WireFormat,
     pub heartbeat_interval_ms: u32,
     /// `--max-node-grad-norm`: the largest L2 norm per example of a node's gradient taken.
     pub max_node_grad_norm: Option<f64>,
@@ -106,8 +108,7 @@ impl Shared {
     pub fn new(
         core: Core,
         status: JobStatus,
-        model: common::model::ModelSpec,
-        keep_prob: f32,
+        job: &crate::args::JobConfig,
         heartbeat_interval_ms: u32,
         max_node_grad_norm: Option<f64>,
         refusals: Arc<proto::transport::Refusals>,
@@ -117,9 +118,10 @@ impl Shared {
             step_data: Mutex::new(None),
             status: Mutex::new(status),
             changed: watch::channel(0).0,
-            param_count: model.param_count(),
-            model,
-            keep_prob,
+            param_count: job.train.model.param_count(),
+            model: job.train.model,
+            keep_prob: job.train.keep_prob,
+            wire: job.wire,
             heartbeat_interval_ms,
             max_node_grad_norm,
             incarnation: rand::random::<u64>() | 1,

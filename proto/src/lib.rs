@@ -18,13 +18,15 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dtra
 
 /// Bumped on any incompatible change of the contract. A worker whose version differs is refused
 /// at registration with `FAILED_PRECONDITION`.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest gRPC message either side accepts or sends: 64 MiB. A task carries one parameter
 /// vector (13.1 MB for the seed convnet) plus at most a batch of images (785 bytes each); a
 /// submission streams one message per reduction-tree node, each one gradient vector. The
 /// coordinator checks both sizes for its job at start ([`largest_task_bytes`],
-/// [`largest_submission_part_bytes`]). Anything larger is
+/// [`largest_submission_part_bytes`]); no valid job comes near the bound (the largest, the
+/// seed convnet with all 55,000 training images in one batch of one-image micro-batches sent
+/// to one worker, is 58 MB: a unit test in the coordinator checks it). Anything larger is
 /// refused by tonic with `OUT_OF_RANGE` before it is buffered whole.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -50,3 +52,6 @@ pub fn largest_submission_part_bytes(params: usize) -> usize {
 pub const STREAM_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
 /// See [`STREAM_WINDOW_BYTES`].
 pub const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
+/// The largest HTTP/2 DATA frame each side accepts (the default is 16 KiB): a 13 MB tensor
+/// crosses in 13 frames instead of 800.
+pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;

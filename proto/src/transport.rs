@@ -12,7 +12,7 @@
 //! Every refusal is logged with the peer's address and counted ([`Refusals`], shown in status);
 //! tokens are compared in constant time and never logged.
 
-use crate::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
+use crate::{CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES};
 use sha2::{Digest as _, Sha256};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -624,6 +624,7 @@ pub fn server() -> Server {
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .timeout(REQUEST_TIMEOUT)
 }
@@ -678,7 +679,8 @@ impl ClientSecurity {
             .map_err(|e| config(format!("{url:?} is not a URL: {e}")))?
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
-            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES));
+            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES));
         if let Some(tls) = &self.tls {
             endpoint = endpoint
                 .tls_config(tls.clone())

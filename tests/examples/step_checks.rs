@@ -2,8 +2,8 @@
 //! measured in the same run: the gradient checks on every submitted node (NaN/Inf and the norm
 //! bound, one pass), the mean gradient's norm (divergence and `--clip-grad-norm`), and the SGD
 //! step with its fused finiteness check, and the wire codec (`common::codec`: parameters
-//! encoded once a step, each gradient decoded) against the value-by-value loop it replaced, for
-//! the seed convnet's 3,274,634 parameters.
+//! encoded once a step, each gradient decoded) against the value-by-value loop it replaced, and
+//! the bf16 wire format's encode and decode, for the seed convnet's 3,274,634 parameters.
 //!
 //!   cargo run -p cluster-tests --example step_checks [-- ROUNDS]          (default 50)
 
@@ -88,5 +88,18 @@ fn main() {
     println!(
         "wire decode (a new vector)             {decode:7.3} ms  ({:.2}x the copy)",
         decode / memcpy
+    );
+    use common::codec::{WireFormat, decode as decode_as, encode as encode_as};
+    let bf16 = encode_as(WireFormat::Bf16, &grad);
+    let encode_bf16 = time(rounds, || {
+        black_box(encode_as(WireFormat::Bf16, black_box(&grad)));
+    });
+    let decode_bf16 = time(rounds, || {
+        black_box(decode_as(WireFormat::Bf16, black_box(&bf16), n).unwrap());
+    });
+    println!(
+        "bf16 wire encode / decode              {encode_bf16:7.3} / {decode_bf16:.3} ms  ({:.2}x / {:.2}x the copy of the f32 vector)",
+        encode_bf16 / memcpy,
+        decode_bf16 / memcpy
     );
 }

@@ -1,7 +1,7 @@
 //! Throughput benchmark: images/s of the single-process loop (1 and 2 threads), of one
-//! distributed worker (1 and 2 threads, and 1 thread over mutual TLS with a token) and of two
-//! one-thread workers, per backend, all measured in this one run on this machine, with ratios
-//! and the bytes sent per step.
+//! distributed worker (1 and 2 threads, 1 thread over mutual TLS with a token, 1 thread with the
+//! bf16 wire) and of two one-thread workers, per backend, all measured in this one run on this
+//! machine, with ratios and the bytes sent per step.
 //!
 //!   cargo run -p cluster-tests --example throughput [-- STEPS]            (flex; 30 steps)
 //!   BENCH_BACKENDS=flex,tch cargo run -p cluster-tests --features tch --example throughput
@@ -58,8 +58,9 @@ async fn distributed(
     steps: u64,
     backend: &str,
     tls: bool,
+    extra: &[&str],
 ) -> anyhow::Result<(f64, f64)> {
-    let suffix = if tls { "-tls" } else { "" };
+    let suffix = format!("{}{}", if tls { "-tls" } else { "" }, extra.join(""));
     let dir = scratch(&format!("bench-{workers}x{threads}-{backend}{suffix}"));
     let tls_dir = tls.then(|| make_certs(&dir)).transpose()?;
     let tls_args: Vec<String> = tls_dir
@@ -94,6 +95,7 @@ async fn distributed(
     .map(|s| s.to_string())
     .collect();
     args.extend(tls_args.iter().cloned());
+    args.extend(extra.iter().map(|a| a.to_string()));
     let (mut c, url) = start_coordinator(&dir, "coordinator", &args)?;
     let mut worker_args = vec!["--backend", backend, "--threads", &t];
     worker_args.extend(tls_args.iter().map(String::as_str));
@@ -141,10 +143,12 @@ fn main() -> anyhow::Result<()> {
         let backend: BackendKind = name.parse()?;
         let local1 = local(&data.train, backend, 1, steps)?;
         let local2 = local(&data.train, backend, 2, steps)?;
-        let (d1, bytes1) = rt.block_on(distributed(1, 1, steps, name, false))?;
-        let (d1tls, _) = rt.block_on(distributed(1, 1, steps, name, true))?;
-        let (d1t2, _) = rt.block_on(distributed(1, 2, steps, name, false))?;
-        let (d2, bytes2) = rt.block_on(distributed(2, 1, steps, name, false))?;
+        let (d1, bytes1) = rt.block_on(distributed(1, 1, steps, name, false, &[]))?;
+        let (d1tls, _) = rt.block_on(distributed(1, 1, steps, name, true, &[]))?;
+        let bf16 = ["--wire-format", "bf16"];
+        let (d1bf16, bytes_bf16) = rt.block_on(distributed(1, 1, steps, name, false, &bf16))?;
+        let (d1t2, _) = rt.block_on(distributed(1, 2, steps, name, false, &[]))?;
+        let (d2, bytes2) = rt.block_on(distributed(2, 1, steps, name, false, &[]))?;
         println!("[{name}] local loop, 1 thread:        {local1:>8.1} images/s");
         println!("[{name}] local loop, 2 threads:       {local2:>8.1} images/s");
         println!(
@@ -154,6 +158,11 @@ fn main() -> anyhow::Result<()> {
         println!(
             "[{name}] 1 worker x 1 thread, TLS:    {d1tls:>8.1} images/s  ({:.3}x plaintext)",
             d1tls / d1
+        );
+        println!(
+            "[{name}] 1 worker x 1 thread, bf16:   {d1bf16:>8.1} images/s  ({:.3}x local, 1 thread; {:.1} MB per step)",
+            d1bf16 / local1,
+            bytes_bf16 / 1e6
         );
         println!(
             "[{name}] 1 worker x 2 threads:        {d1t2:>8.1} images/s  ({:.3}x local, 2 threads)",

@@ -91,7 +91,19 @@ fn invalid_coordinator_flags_say_what_to_change() {
         &dir,
         "batch",
         &["--data-dir", data, "--batch-size", "0"],
-        "--batch-size must be at least 1",
+        "--batch-size must be between 1 and the 55000 training images",
+    );
+    coordinator_fails(
+        &dir,
+        "batch-too-big",
+        &["--data-dir", data, "--batch-size", "60000"],
+        "--batch-size must be between 1 and the 55000 training images",
+    );
+    coordinator_fails(
+        &dir,
+        "schedule",
+        &["--data-dir", data, "--lr-schedule", "cosine"],
+        "unknown schedule \"cosine\" (constant or linear)",
     );
     coordinator_fails(
         &dir,

@@ -8,24 +8,21 @@ use std::time::Duration;
 
 const STEPS: u64 = 20;
 
-async fn train_with(workers: usize, name: &str) -> Vec<NamedTensor> {
+async fn train_with(workers: usize, name: &str, extra: &[&str]) -> Vec<NamedTensor> {
     let dir = scratch(name);
     let ck = dir.join("checkpoints");
-    run_job_in_process(
-        &dir,
-        workers,
-        &short_job(STEPS, 0, &ck),
-        Duration::from_secs(600),
-    )
-    .await
-    .unwrap();
+    let mut args = short_job(STEPS, 0, &ck);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    run_job_in_process(&dir, workers, &args, Duration::from_secs(600))
+        .await
+        .unwrap();
     latest_params(&ck).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_worker_and_three_workers_give_bit_identical_parameters() {
-    let one = train_with(1, "invariance-1").await;
-    let three = train_with(3, "invariance-3").await;
+    let one = train_with(1, "invariance-1", &[]).await;
+    let three = train_with(3, "invariance-3", &[]).await;
     assert_eq!(one.len(), 8);
     assert_eq!(one.len(), three.len());
     for (a, b) in one.iter().zip(&three) {
@@ -36,7 +33,7 @@ async fn one_worker_and_three_workers_give_bit_identical_parameters() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cluster_reproduces_the_single_process_training_loop() {
-    let cluster = train_with(2, "vs-local").await;
+    let cluster = train_with(2, "vs-local", &[]).await;
     let by_name = local_reference(&default_config(STEPS), STEPS);
     for (name, shape, values) in &cluster {
         let want = &by_name[name];
@@ -46,4 +43,27 @@ async fn the_cluster_reproduces_the_single_process_training_loop() {
             "{name} differs from the single-process loop"
         );
     }
+}
+
+/// The bf16 wire is an approximation by design: it must be in effect (the parameters differ
+/// from the exact run) and stay close to it (bf16 keeps 8 bits of mantissa; the master weights
+/// stay f32 on the coordinator).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bf16_wire_trains_close_to_the_exact_loop() {
+    let cluster = train_with(2, "bf16", &["--wire-format", "bf16"]).await;
+    let by_name = local_reference(&default_config(STEPS), STEPS);
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (name, _, values) in &cluster {
+        let want = &by_name[name];
+        assert_eq!(values.len(), want.len(), "{name}");
+        assert!(values.iter().all(|v| v.is_finite()), "{name}");
+        for (a, b) in values.iter().zip(want) {
+            diff += f64::from(a - b).powi(2);
+            norm += f64::from(*b).powi(2);
+        }
+    }
+    let relative = (diff / norm).sqrt();
+    println!("bf16 wire vs exact after {STEPS} steps: relative L2 {relative:.2e}");
+    assert!(relative > 0.0, "the bf16 wire was not in effect");
+    assert!(relative < 0.02, "relative L2 {relative}");
 }

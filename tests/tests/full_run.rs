@@ -1,11 +1,13 @@
-//! The product's promise: default flags, 3 epochs, 2 workers reach >= 99.0% test accuracy.
-//! About 12 minutes on a 2-core machine; it is part of the suite CI runs.
+//! The product's promise: the default job (5 epochs, the learning rate falling linearly to
+//! zero) on 2 workers reaches >= 99.2% test accuracy (99.27% measured; the pure-Rust backend is
+//! deterministic, so the margin only covers another CPU's kernels). About 18 minutes on a
+//! 2-core machine; it is part of the suite CI runs.
 
 use cluster_tests::*;
 use std::time::Duration;
 
 #[test]
-fn three_epochs_on_two_workers_reach_99_percent_test_accuracy() {
+fn the_default_job_on_two_workers_reaches_99_2_percent_test_accuracy() {
     let dir = scratch("full-run");
     let log = run_job(
         &dir,
@@ -15,6 +17,6 @@ fn three_epochs_on_two_workers_reach_99_percent_test_accuracy() {
     )
     .unwrap();
     let acc = test_accuracy(&log).unwrap_or_else(|| panic!("no test accuracy in\n{log}"));
-    println!("test accuracy after 3 epochs: {acc}");
-    assert!(acc >= 0.99, "test accuracy {acc} < 0.99");
+    println!("test accuracy after the default job's 5 epochs: {acc}");
+    assert!(acc >= 0.992, "test accuracy {acc} < 0.992");
 }

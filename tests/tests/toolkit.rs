@@ -161,9 +161,11 @@ fn the_seed_preset_prints_the_lectures_log_lines() {
     let manifest = latest_manifest(&dir.join("ck")).unwrap();
     assert_eq!(manifest["config"]["lr"].as_f64(), Some(1e-5));
     assert_eq!(manifest["config"]["momentum"].as_f64(), Some(0.0));
+    assert_eq!(manifest["config"]["lr_schedule"].as_str(), Some("constant"));
     let cfg = common::train::TrainConfig {
         lr: 1e-5,
         momentum: 0.0,
+        lr_schedule: common::train::LrSchedule::Constant,
         ..default_config(3)
     };
     let reference = local_reference(&cfg, 3);

@@ -7,7 +7,8 @@
 
 use backon::{ExponentialBuilder, Retryable};
 use clap::Parser;
-use common::engine::{BackendKind, Engine, MicroBatch};
+use common::codec::WireFormat;
+use common::engine::{BackendKind, Engine, MicroBatch, Phases};
 use common::model::{ModelKind, ModelSpec, Pool};
 use common::schedule::Schedule;
 use common::tree::Node;
@@ -67,6 +68,12 @@ pub struct Args {
     /// MNIST directory, for --local-steps.
     #[arg(long, env = "WORKER_DATA_DIR", default_value = "./data/mnist")]
     pub data_dir: std::path::PathBuf,
+    /// Images per step, for --local-steps (the coordinator's --batch-size; default 128).
+    #[arg(long, requires = "local_steps")]
+    pub batch_size: Option<usize>,
+    /// Images per micro-batch, for --local-steps (the coordinator's --micro-batch; default 32).
+    #[arg(long, requires = "local_steps")]
+    pub micro_batch: Option<usize>,
     /// Stop after failing this many shards in a row on this device (each failure is reported
     /// to the coordinator, which hands the shard to another worker).
     #[arg(long, env = "WORKER_MAX_SHARD_FAILURES", default_value_t = 3)]
@@ -101,6 +108,9 @@ impl Args {
         }
         if let Some(m) = &self.model {
             m.parse::<ModelKind>().map_err(|e| e.to_string())?;
+        }
+        if self.batch_size == Some(0) || self.micro_batch == Some(0) {
+            return Err("--batch-size and --micro-batch must be at least 1".into());
         }
         if self.max_shard_failures == 0 {
             return Err("--max-shard-failures must be at least 1".into());
@@ -154,14 +164,20 @@ impl WorkerError {
     }
 }
 
-/// Trains `steps` steps of the default job in this process (`--local-steps`); returns images/s
-/// after 3 warm-up steps and the last step's loss.
+/// Trains `steps` steps of the default job (with `--batch-size`/`--micro-batch` if given) in
+/// this process (`--local-steps`); returns images/s after 3 warm-up steps and the last step's
+/// loss.
 pub fn run_local(args: &Args, steps: u64) -> Result<(f64, f64), WorkerError> {
     use common::train::{Batcher, TrainConfig, TrainState, local_step};
     const WARMUP: u64 = 3;
     let backend: BackendKind = args.backend.parse()?;
     let data = common::mnist::load(&args.data_dir)?;
-    let cfg = TrainConfig::DEFAULT;
+    let d = TrainConfig::DEFAULT;
+    let cfg = TrainConfig {
+        batch_size: args.batch_size.unwrap_or(d.batch_size),
+        micro_batch: args.micro_batch.unwrap_or(d.micro_batch),
+        ..d
+    };
     let engine = Engine::new(cfg.model, backend, &args.device, cfg.keep_prob)?;
     let mut state = TrainState::new(&cfg);
     let mut batcher = Batcher::new(&data.train, cfg.schedule(data.train.len()));
@@ -243,6 +259,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), WorkerEr
         let me = Me {
             id: reg.worker_id,
             incarnation: reg.incarnation,
+            wire: match reg.wire_format() {
+                proto::WireFormat::F32 => WireFormat::F32,
+                proto::WireFormat::Bf16 => WireFormat::Bf16,
+            },
         };
         info!(worker = me.id, model = %spec, backend = %backend, device = args.device, "registered");
 
@@ -310,6 +330,8 @@ impl Health {
 struct Me {
     id: u64,
     incarnation: u64,
+    /// How this job's tensors travel.
+    wire: WireFormat,
 }
 
 /// Pulls and computes shards until the job ends (Ok), a call fails, or the device fails too
@@ -349,7 +371,7 @@ async fn work(
                     "injected device failure (--inject-shard-failures)".into(),
                 )));
             }
-            compute(&e, &task)
+            compute(&e, &task, me.wire)
         })
         .await
         .unwrap_or_else(|panic| {
@@ -417,10 +439,14 @@ fn ignore_races(s: Status) -> Result<(), Status> {
     }
 }
 
-/// Computes a task's node gradients.
-pub fn compute(engine: &Engine, task: &Task) -> Result<Vec<NodeGradient>, WorkerError> {
+/// Computes a task's node gradients; tensors come and go in `wire` format.
+pub fn compute(
+    engine: &Engine,
+    task: &Task,
+    wire: WireFormat,
+) -> Result<Vec<NodeGradient>, WorkerError> {
     let bad = |m: String| WorkerError::BadTask(m);
-    let params = common::codec::decode_f32(&task.params, engine.param_count())
+    let params = common::codec::decode(wire, &task.params, engine.param_count())
         .map_err(|e| bad(format!("parameters: {e}")))?;
     let total: usize = task.leaf_sizes.iter().map(|&s| s as usize).sum();
     let px = common::mnist::PIXELS;
@@ -454,13 +480,15 @@ pub fn compute(engine: &Engine, task: &Task) -> Result<Vec<NodeGradient>, Worker
             "nodes {nodes:?} outside leaves {first}..{last}"
         )));
     }
-    let grads = engine.gradients(&params, &batches)?;
-    let losses: Vec<f64> = grads.iter().map(|g| g.loss_sum).collect();
-    let sums =
-        common::train::node_sums(first, grads.into_iter().map(|g| g.values).collect(), &nodes)
-            .ok_or_else(|| bad("nodes do not tile the leaves".into()))?;
-    let finite = losses.iter().all(|l| l.is_finite())
-        && sums.iter().all(|s| s.iter().all(|v| v.is_finite()));
+    let mut sorted = nodes.clone();
+    sorted.sort();
+    if sorted.windows(2).any(|w| w[0].hi > w[1].lo) {
+        return Err(bad(format!("nodes {nodes:?} overlap")));
+    }
+    let sums = engine.node_gradients(params, first, &batches, &nodes, &mut Phases::default())?;
+    let finite = sums
+        .iter()
+        .all(|s| s.loss_sum.is_finite() && s.values.iter().all(|v| v.is_finite()));
     if !finite {
         return Err(WorkerError::NonFinite(format!(
             "step {} leaves {first}..{last}",
@@ -470,13 +498,10 @@ pub fn compute(engine: &Engine, task: &Task) -> Result<Vec<NodeGradient>, Worker
     Ok(nodes
         .iter()
         .zip(sums)
-        .map(|(n, sum)| {
-            let leaves = (n.lo - first) as usize..(n.hi - first) as usize;
-            NodeGradient {
-                node: Some(NodeRange { lo: n.lo, hi: n.hi }),
-                gradient: common::codec::encode_f32(&sum).into(),
-                loss_sum: losses[leaves].iter().sum(),
-            }
+        .map(|(n, sum)| NodeGradient {
+            node: Some(NodeRange { lo: n.lo, hi: n.hi }),
+            gradient: common::codec::encode(wire, &sum.values).into(),
+            loss_sum: sum.loss_sum,
         })
         .collect())
 }

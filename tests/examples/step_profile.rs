@@ -1,0 +1,109 @@
+//! Where one training step's time goes, phase by phase, with the real parts in one process:
+//! the coordinator's parameter encode, the worker's decode, the engine's upload, forward,
+//! backward, on-device reduction and download (`Engine::node_gradients`), the worker's gradient
+//! encode, the coordinator's decode, and SGD. The wire itself is the transport benchmark's
+//! (`--example transport`). Printed in ms per step and as a share of the step.
+//!
+//!   cargo run -p cluster-tests --example step_profile [-- STEPS]      (default 20, flex)
+//!   BENCH_BACKENDS=flex,tch DEVICE=cpu BATCH=128 MICRO=32 THREADS=2 \
+//!     cargo run -p cluster-tests --features tch --example step_profile
+
+use cluster_tests::*;
+use common::engine::{BackendKind, Engine, Phases};
+use common::train::{Batcher, TrainConfig, TrainState, micro_batches};
+use common::tree::Node;
+use std::time::{Duration, Instant};
+
+const WARMUP: u64 = 3;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> anyhow::Result<()> {
+    let steps: u64 = std::env::args().nth(1).map_or(Ok(20), |s| s.parse())?;
+    let device: String = env_or("DEVICE", "cpu".to_string());
+    let threads: usize = env_or("THREADS", 2);
+    let cfg = TrainConfig {
+        batch_size: env_or("BATCH", 128),
+        micro_batch: env_or("MICRO", 32),
+        ..TrainConfig::DEFAULT
+    };
+    common::engine::set_compute_threads(threads)?;
+    let data = common::mnist::load(&mnist_dir())?;
+    let schedule = cfg.schedule(data.train.len());
+    let leaves = schedule.leaves().len() as u32;
+    println!(
+        "seed convnet, batch {} in {leaves} micro-batches of {}, {threads} threads, {steps} steps after {WARMUP} warm-up",
+        cfg.batch_size, cfg.micro_batch
+    );
+    for name in std::env::var("BENCH_BACKENDS")
+        .unwrap_or_else(|_| "flex".into())
+        .split(',')
+    {
+        let backend: BackendKind = name.parse()?;
+        let engine = Engine::new(cfg.model, backend, &device, cfg.keep_prob)?;
+        let mut state = TrainState::new(&cfg);
+        let mut batcher = Batcher::new(&data.train, schedule);
+        let (mut phases, mut encode, mut decode, mut sgd) = (
+            Phases::default(),
+            Duration::ZERO,
+            Duration::ZERO,
+            Duration::ZERO,
+        );
+        for step in 0..WARMUP + steps {
+            if step == WARMUP {
+                (phases, encode, decode, sgd) = Default::default();
+            }
+            let batch = batcher.batch(state.step);
+            let shard = micro_batches(&batch, &schedule, state.step, 0..leaves);
+            // Coordinator: the parameters onto the wire; worker: off it.
+            let t = Instant::now();
+            let wire = common::codec::encode_f32(&state.params);
+            encode += t.elapsed();
+            let t = Instant::now();
+            let params = common::codec::decode_f32(&wire, engine.param_count())?;
+            decode += t.elapsed();
+            let root = engine
+                .node_gradients(params, 0, &shard, &[Node::root(leaves)], &mut phases)?
+                .remove(0);
+            // Worker: the node's sum onto the wire; coordinator: off it.
+            let t = Instant::now();
+            let wire = common::codec::encode_f32(&root.values);
+            encode += t.elapsed();
+            let t = Instant::now();
+            let sum = common::codec::decode_f32(&wire, engine.param_count())?;
+            decode += t.elapsed();
+            let t = Instant::now();
+            let lr = cfg.lr_at(state.step, schedule.steps_per_epoch());
+            state.apply(&sum, root.examples, lr, None)?;
+            sgd += t.elapsed();
+        }
+        let total = phases.total() + encode + decode + sgd;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3 / steps as f64;
+        let row = |what: &str, d: Duration| {
+            println!(
+                "[{name} {device}] {what:<44} {:>8.2} ms  {:>5.1}%",
+                ms(d),
+                100.0 * d.as_secs_f64() / total.as_secs_f64()
+            )
+        };
+        row("parameter upload (one flat tensor)", phases.upload);
+        row("forward (with images, mask, loss read)", phases.forward);
+        row("backward (and flatten on the device)", phases.backward);
+        row("reduce along the tree (on the device)", phases.reduce);
+        row("gradient download (one per node)", phases.download);
+        row("encode (parameters + gradient)", encode);
+        row("decode (parameters + gradient)", decode);
+        row("SGD with its checks", sgd);
+        println!(
+            "[{name} {device}] step {:.2} ms: {:.1} images/s without the wire",
+            ms(total),
+            cfg.batch_size as f64 / (ms(total) / 1e3)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! Transport benchmark with null compute: the real coordinator binary and N "null workers" in
+//! this process that register, take their shard of each step (the real 13.1 MB parameters and
+//! their images) and answer at once with zero gradients of the real size. So each step costs
+//! only what the distributed step adds to the computing: the task down, the gradients up, the
+//! coordinator's decode, reduction, SGD and encode. Printed per direction in GB/s, against a
+//! plain memcpy of the same bytes and the same bytes over a bare loopback TCP socket, both
+//! measured in this run. A direction's time runs from the call to its answer, so the download
+//! includes the coordinator's SGD and encode when the worker asks before the step is ready, and
+//! the upload the coordinator's decode and checks.
+//!
+//!   cargo run -p cluster-tests --example transport [-- STEPS [FLAGS]]  (default 60; 1, 2, 4 workers)
+//!   e.g. `-- 30 --wire-format bf16`: FLAGS go to the coordinator.
+
+use bytes::Bytes;
+use cluster_tests::*;
+use proto::get_work_response::Reply;
+use proto::{GetWorkRequest, NodeGradient, RegisterRequest, SubmitRequest};
+use std::time::{Duration, Instant};
+
+const WARMUP: u64 = 5;
+
+/// What one null worker saw: the time and bytes of its GetWork calls that carried a task (the
+/// download) and of its submissions (the upload), over the timed steps.
+#[derive(Default, Clone, Copy)]
+struct Seen {
+    down_secs: f64,
+    down_bytes: f64,
+    up_secs: f64,
+    up_bytes: f64,
+}
+
+async fn null_worker(url: String, name: String, steps: u64) -> anyhow::Result<Seen> {
+    let mut client = trainer_client(&url, &ClientSecurity::none()).await?;
+    let reg = client
+        .register(RegisterRequest {
+            protocol_version: proto::PROTOCOL_VERSION,
+            model: String::new(),
+            backend: "null".into(),
+            device: "none".into(),
+            threads: 1,
+            name,
+        })
+        .await?
+        .into_inner();
+    // Encoded once: a Bytes clone shares it, as a real worker's encoded sum is sent as is.
+    let width = match reg.wire_format() {
+        proto::WireFormat::F32 => 4,
+        proto::WireFormat::Bf16 => 2,
+    };
+    let zeros = Bytes::from(vec![0u8; reg.parameter_count as usize * width]);
+    let mut seen = Seen::default();
+    loop {
+        let asked = Instant::now();
+        let reply = client
+            .get_work(GetWorkRequest {
+                worker_id: reg.worker_id,
+                incarnation: reg.incarnation,
+            })
+            .await?;
+        let got = asked.elapsed().as_secs_f64();
+        let task = match reply.into_inner().reply {
+            Some(Reply::Task(t)) => t,
+            Some(Reply::Shutdown(_)) => return Ok(seen),
+            _ => continue,
+        };
+        let timed = task.step >= WARMUP && task.step < WARMUP + steps;
+        let task_bytes = (task.params.len() + task.images.len() + task.labels.len()) as f64;
+        let parts: Vec<SubmitRequest> = task
+            .nodes
+            .iter()
+            .map(|n| SubmitRequest {
+                worker_id: reg.worker_id,
+                incarnation: reg.incarnation,
+                task_id: task.task_id,
+                step: task.step,
+                nodes: vec![NodeGradient {
+                    node: Some(proto::NodeRange { lo: n.lo, hi: n.hi }),
+                    gradient: zeros.clone(),
+                    loss_sum: 0.0,
+                }],
+            })
+            .collect();
+        let up_bytes = (parts.len() * zeros.len()) as f64;
+        let sent = Instant::now();
+        client.submit_gradients(tokio_stream::iter(parts)).await?;
+        if timed {
+            seen.down_secs += got;
+            seen.down_bytes += task_bytes;
+            seen.up_secs += sent.elapsed().as_secs_f64();
+            seen.up_bytes += up_bytes;
+        }
+    }
+}
+
+/// Seconds per step and what each worker saw, for `workers` null workers.
+async fn run(workers: usize, steps: u64, extra: &[String]) -> anyhow::Result<(f64, Vec<Seen>)> {
+    let dir = scratch(&format!("transport-{workers}"));
+    let ck = dir.join("ck");
+    let total = WARMUP + steps;
+    let w = workers.to_string();
+    let mut args: Vec<String> = [
+        "--workers",
+        &w,
+        "--max-steps",
+        &total.to_string(),
+        "--eval-every",
+        "1000000",
+        "--validation-size",
+        "10",
+        "--test-size",
+        "10",
+        "--checkpoint-every",
+        "0",
+        "--heartbeat-timeout",
+        "60",
+        "--checkpoint-url",
+        ck.to_str().unwrap_or("ck"),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().cloned());
+    let (mut c, url) = start_coordinator(&dir, "coordinator", &args)?;
+    let tasks: Vec<_> = (0..workers)
+        .map(|i| tokio::spawn(null_worker(url.clone(), format!("null{i}"), steps)))
+        .collect();
+    // Steps timed from the status: from step WARMUP to the last.
+    let (mut t0, mut t1) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while t1.is_none() && Instant::now() < deadline && !tasks.iter().any(|t| t.is_finished()) {
+        if let Some(s) = get_status(&url).await {
+            if s.step >= WARMUP && t0.is_none() {
+                t0 = Some((Instant::now(), s.step));
+            }
+            if s.step >= total {
+                t1 = Some((Instant::now(), s.step));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (Some((a, sa)), Some((b, sb))) = (t0, t1) else {
+        // A null worker that stopped says why.
+        for t in tasks {
+            if t.is_finished() {
+                t.await??;
+            } else {
+                t.abort();
+            }
+        }
+        anyhow::bail!("the job did not finish\n{}", c.tail());
+    };
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.push(t.await??);
+    }
+    c.wait_exit(Duration::from_secs(60))?;
+    Ok(((b - a).as_secs_f64() / (sb - sa) as f64, seen))
+}
+
+/// GB/s of `bytes` bytes sent over a plain loopback TCP socket to a reader that answers one
+/// byte when it has them all (median of 20): the floor under any protocol on this machine.
+async fn tcp_gbps(bytes: usize) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let reader = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        let mut buf = vec![0u8; bytes];
+        loop {
+            match s.read_exact(&mut buf).await {
+                Ok(_) => s.write_all(b"k").await?,
+                Err(_) => return anyhow::Ok(()),
+            }
+        }
+    });
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let data = vec![1u8; bytes];
+    let mut times = Vec::new();
+    let mut ack = [0u8; 1];
+    for _ in 0..20 {
+        let t = Instant::now();
+        s.write_all(&data).await?;
+        s.read_exact(&mut ack).await?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    drop(s);
+    reader.await??;
+    times.sort_by(f64::total_cmp);
+    Ok(bytes as f64 / times[times.len() / 2] / 1e9)
+}
+
+/// GB/s of a plain copy of `bytes` bytes (best of 20), in this process.
+fn memcpy_gbps(bytes: usize) -> f64 {
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let mut best = f64::MAX;
+    for _ in 0..20 {
+        let t = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&mut dst);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    bytes as f64 / best / 1e9
+}
+
+fn main() -> anyhow::Result<()> {
+    let steps: u64 = std::env::args().nth(1).map_or(Ok(60), |s| s.parse())?;
+    let extra: Vec<String> = std::env::args().skip(2).collect();
+    let rt = tokio::runtime::Runtime::new()?;
+    let params = common::model::ModelSpec::SEED.param_count() * 4;
+    let copy = memcpy_gbps(params);
+    println!(
+        "null compute, seed convnet ({:.1} MB of parameters), batch 128 in 4 micro-batches, {steps} timed steps",
+        params as f64 / 1e6
+    );
+    let tcp = rt.block_on(tcp_gbps(params))?;
+    println!(
+        "memcpy of {:.1} MB: {copy:.2} GB/s; the same bytes over a bare loopback TCP socket: {tcp:.2} GB/s",
+        params as f64 / 1e6
+    );
+    for workers in [1, 2, 4] {
+        let (step, seen) = rt.block_on(run(workers, steps, &extra))?;
+        let sum = |f: fn(&Seen) -> f64| seen.iter().map(f).sum::<f64>();
+        let down = sum(|s| s.down_bytes) / sum(|s| s.down_secs) / 1e9;
+        let up = sum(|s| s.up_bytes) / sum(|s| s.up_secs) / 1e9;
+        let moved = (sum(|s| s.down_bytes) + sum(|s| s.up_bytes)) / steps as f64;
+        println!(
+            "{workers} worker(s): {:>6.2} ms/step ({:.1} MB moved per step); task down {down:.2} GB/s ({:.2}x memcpy, {:.2}x TCP), gradients up {up:.2} GB/s ({:.2}x memcpy, {:.2}x TCP)",
+            step * 1e3,
+            moved / 1e6,
+            down / copy,
+            down / tcp,
+            up / copy,
+            up / tcp
+        );
+    }
+    Ok(())
+}
