@@ -8,8 +8,8 @@
 //! nearest, ties to even): half the bytes, at the cost of 8 bits of mantissa on every parameter and
 //! gradient in flight. The coordinator's master weights and momentum stay f32.
 
-/// How tensors travel between coordinator and workers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// How tensors travel between coordinator and workers (also the coordinator's `--wire-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum WireFormat {
     /// Exact: little-endian f32.
     #[default]
@@ -62,22 +62,23 @@ pub fn decode(
     bytes: &[u8],
     expected: usize,
 ) -> Result<Vec<f32>, WireLengthError> {
-    match format {
-        WireFormat::F32 => decode_f32(bytes, expected),
-        WireFormat::Bf16 => {
-            if bytes.len() != expected * 2 {
-                return Err(WireLengthError {
-                    expected,
-                    got_bytes: bytes.len(),
-                    format,
-                });
-            }
-            Ok(bytes
-                .chunks_exact(2)
-                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
-                .collect())
-        }
+    if bytes.len() != expected * format.bytes_per_value() {
+        return Err(WireLengthError {
+            expected,
+            got_bytes: bytes.len(),
+            format,
+        });
     }
+    Ok(match format {
+        WireFormat::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        WireFormat::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
+            .collect(),
+    })
 }
 
 /// Encodes f32 values as little-endian bytes, the wire form of every tensor.
@@ -90,17 +91,7 @@ pub fn encode_f32(values: &[f32]) -> Vec<u8> {
 
 /// Decodes little-endian f32 bytes, refusing a length that is not `expected` values.
 pub fn decode_f32(bytes: &[u8], expected: usize) -> Result<Vec<f32>, WireLengthError> {
-    if bytes.len() != expected * 4 {
-        return Err(WireLengthError {
-            expected,
-            got_bytes: bytes.len(),
-            format: WireFormat::F32,
-        });
-    }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+    decode(WireFormat::F32, bytes, expected)
 }
 
 /// A tensor on the wire had the wrong number of bytes.
@@ -113,15 +104,15 @@ pub struct WireLengthError {
 
 impl std::fmt::Display for WireLengthError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (name, size) = match self.format {
-            WireFormat::F32 => ("f32", 4),
-            WireFormat::Bf16 => ("bf16", 2),
+        let name = match self.format {
+            WireFormat::F32 => "f32",
+            WireFormat::Bf16 => "bf16",
         };
         write!(
             f,
             "expected {} {name} values ({} bytes), got {} bytes",
             self.expected,
-            self.expected * size,
+            self.expected * self.format.bytes_per_value(),
             self.got_bytes
         )
     }

@@ -3,28 +3,28 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Momentum SGD state: the velocity buffer.
+/// Momentum SGD state: the velocity buffer. The learning rate is not state: each step is given
+/// its own (see `TrainConfig::lr_at`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sgd {
-    pub lr: f32,
     pub momentum: f32,
     pub velocity: Vec<f32>,
 }
 
 impl Sgd {
-    pub fn new(lr: f32, momentum: f32, params: usize) -> Self {
+    pub fn new(momentum: f32, params: usize) -> Self {
         Sgd {
-            lr,
             momentum,
             velocity: vec![0.0; params],
         }
     }
 
     /// Applies the gradient `sum` times `scale` (1 / examples for the mean, times the clipping
-    /// factor when clipped) to `params`. Returns false when a parameter came out NaN or infinite
-    /// (checked in the same pass): the model diverged and `params` must not be used.
-    pub fn step(&mut self, params: &mut [f32], sum: &[f32], scale: f32) -> bool {
-        let (lr, m) = (self.lr, self.momentum);
+    /// factor when clipped) to `params` at rate `lr`. Returns false when a parameter came out
+    /// NaN or infinite (checked in the same pass): the model diverged and `params` must not be
+    /// used.
+    pub fn step(&mut self, params: &mut [f32], sum: &[f32], lr: f32, scale: f32) -> bool {
+        let m = self.momentum;
         let mut finite = true;
         for ((p, v), g) in params.iter_mut().zip(&mut self.velocity).zip(sum) {
             *v = m * *v + g * scale;
@@ -67,23 +67,23 @@ mod tests {
     #[test]
     fn without_momentum_a_step_moves_against_the_mean_gradient() {
         let mut p = vec![1.0, 2.0];
-        assert!(Sgd::new(0.5, 0.0, 2).step(&mut p, &[4.0, -4.0], 0.5));
+        assert!(Sgd::new(0.0, 2).step(&mut p, &[4.0, -4.0], 0.5, 0.5));
         assert_eq!(p, vec![0.0, 3.0]);
     }
 
     #[test]
     fn momentum_accumulates_velocity() {
         let mut p = vec![0.0];
-        let mut sgd = Sgd::new(1.0, 0.5, 1);
-        sgd.step(&mut p, &[1.0], 1.0);
-        sgd.step(&mut p, &[1.0], 1.0);
+        let mut sgd = Sgd::new(0.5, 1);
+        sgd.step(&mut p, &[1.0], 1.0, 1.0);
+        sgd.step(&mut p, &[1.0], 1.0, 1.0);
         assert_eq!(p, vec![-2.5]);
     }
 
     #[test]
     fn an_overflowing_step_is_reported() {
         let mut p = vec![1.0, f32::MAX];
-        assert!(!Sgd::new(1.0, 0.0, 2).step(&mut p, &[0.0, -f32::MAX], 1.0));
+        assert!(!Sgd::new(0.0, 2).step(&mut p, &[0.0, -f32::MAX], 1.0, 1.0));
     }
 
     #[test]

@@ -152,7 +152,7 @@ impl TrainState {
         let params = cfg.model.init(cfg.seed);
         TrainState {
             step: 0,
-            sgd: Sgd::new(cfg.lr, cfg.momentum, params.len()),
+            sgd: Sgd::new(cfg.momentum, params.len()),
             params,
         }
     }
@@ -178,8 +178,7 @@ impl TrainState {
         } else {
             mean
         };
-        self.sgd.lr = lr;
-        if !self.sgd.step(&mut self.params, sum, scale) {
+        if !self.sgd.step(&mut self.params, sum, lr, scale) {
             return Err(Error::Diverged("a parameter became NaN or infinite".into()));
         }
         self.step += 1;

@@ -126,12 +126,6 @@ pub enum PoolArg {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum WireArg {
-    F32,
-    Bf16,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Preset {
     /// Momentum SGD (lr 0.05, momentum 0.9) decaying linearly to zero over 5 epochs: 99.27%
     /// test accuracy.
@@ -295,7 +289,7 @@ pub struct TrainArgs {
     /// flight, so results depend slightly on how the batch was shared out). The coordinator's
     /// weights and momentum stay f32 either way.
     #[arg(long, env = "COORDINATOR_WIRE_FORMAT", default_value = "f32")]
-    pub wire_format: WireArg,
+    pub wire_format: WireFormat,
     /// Seconds the server stays up after the job ends, so workers hear it is over and status
     /// clients read the outcome (health says NOT_SERVING meanwhile).
     #[arg(long, env = "COORDINATOR_LINGER", default_value_t = 3.0)]
@@ -339,10 +333,7 @@ impl TrainArgs {
         };
         JobConfig {
             train,
-            wire: match self.wire_format {
-                WireArg::F32 => WireFormat::F32,
-                WireArg::Bf16 => WireFormat::Bf16,
-            },
+            wire: self.wire_format,
             eval_every: self.eval_every.unwrap_or(if lecture { 1 } else { 100 }),
             validation_size: self.validation_size.unwrap_or(if lecture {
                 256

@@ -350,9 +350,6 @@ impl CheckpointStore {
             step: manifest.step,
             params,
             sgd: Sgd {
-                // The rate of the next step is worked out from the job's config when it is
-                // applied; this is the base rate until then.
-                lr: cfg.lr,
                 momentum: cfg.momentum,
                 velocity,
             },

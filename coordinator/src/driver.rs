@@ -1,7 +1,7 @@
 //! The training driver: the one task that owns the parameters. Each step it publishes the batch
 //! and parameters, opens a round, waits (with deadlines) for the workers' gradients, applies
-//! SGD, starts a validation (off the critical path), checkpoints and reports. Everything a worker does reaches it through the
-//! round state machine in [`crate::core`].
+//! SGD, starts a validation (off the critical path), checkpoints and reports. Everything a
+//! worker does reaches it through the round state machine in [`crate::core`].
 
 use crate::args::JobConfig;
 use crate::checkpoint::{CheckpointStore, Metrics};
@@ -242,7 +242,7 @@ impl Driver {
             .data
             .test
             .slice(0..self.job.test_size.min(self.data.test.len()));
-        let test_accuracy = self.accuracy(&state, Arc::new(test)).await?;
+        let test_accuracy = self.spawn_accuracy(&state, Arc::new(test)).await??;
         info!("Testing Accuracy: {test_accuracy:.6}");
         self.shared.status().test_accuracy = Some(test_accuracy);
         if let Some(h) = pending_save.take() {
@@ -383,15 +383,12 @@ impl Driver {
         pos: u64,
         loss: f64,
     ) -> Validation {
-        let engine = self.engine.clone();
-        let params = state.params.clone();
-        let split = split.clone();
         Validation {
             step: state.step,
             epoch,
             pos,
             loss,
-            task: tokio::task::spawn_blocking(move || engine.accuracy(&params, &split)),
+            task: self.spawn_accuracy(state, split.clone()),
         }
     }
 
@@ -416,10 +413,16 @@ impl Driver {
         Ok(())
     }
 
-    async fn accuracy(&self, state: &TrainState, split: Arc<Split>) -> anyhow::Result<f64> {
+    /// The accuracy of `state`'s parameters on `split`, computed off the async threads on a
+    /// copy of the parameters.
+    fn spawn_accuracy(
+        &self,
+        state: &TrainState,
+        split: Arc<Split>,
+    ) -> JoinHandle<Result<f64, common::Error>> {
         let engine = self.engine.clone();
         let params = state.params.clone();
-        Ok(tokio::task::spawn_blocking(move || engine.accuracy(&params, &split)).await??)
+        tokio::task::spawn_blocking(move || engine.accuracy(&params, &split))
     }
 
     fn metrics(&self) -> Metrics {

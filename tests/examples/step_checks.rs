@@ -30,7 +30,7 @@ fn main() {
     let grad: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * 1e-4).collect();
     let mut params: Vec<f32> = (0..n).map(|i| ((i % 89) as f32 - 44.0) * 1e-3).collect();
     let mut copy = vec![0.0f32; n];
-    let mut sgd = Sgd::new(0.05, 0.9, n);
+    let mut sgd = Sgd::new(0.9, n);
 
     let memcpy = time(rounds, || copy.copy_from_slice(black_box(&grad)));
     let norm = time(rounds, || {
@@ -38,7 +38,7 @@ fn main() {
     });
     let sgd_ms = time(rounds, || {
         // A tiny step keeps the parameters finite and changing.
-        black_box(sgd.step(&mut params, black_box(&grad), 1e-6));
+        black_box(sgd.step(&mut params, black_box(&grad), 0.05, 1e-6));
     });
     println!(
         "{n} parameters ({:.1} MB), {rounds} rounds",

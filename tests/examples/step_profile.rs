@@ -16,6 +16,14 @@ use std::time::{Duration, Instant};
 
 const WARMUP: u64 = 3;
 
+/// Runs `f`, adding its time to `total`.
+fn timed<T>(total: &mut Duration, f: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let out = f();
+    *total += started.elapsed();
+    out
+}
+
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -61,26 +69,17 @@ fn main() -> anyhow::Result<()> {
             let batch = batcher.batch(state.step);
             let shard = micro_batches(&batch, &schedule, state.step, 0..leaves);
             // Coordinator: the parameters onto the wire; worker: off it.
-            let t = Instant::now();
-            let wire = common::codec::encode_f32(&state.params);
-            encode += t.elapsed();
-            let t = Instant::now();
-            let params = common::codec::decode_f32(&wire, engine.param_count())?;
-            decode += t.elapsed();
+            let n = engine.param_count();
+            let wire = timed(&mut encode, || common::codec::encode_f32(&state.params));
+            let params = timed(&mut decode, || common::codec::decode_f32(&wire, n))?;
             let root = engine
                 .node_gradients(params, 0, &shard, &[Node::root(leaves)], &mut phases)?
                 .remove(0);
             // Worker: the node's sum onto the wire; coordinator: off it.
-            let t = Instant::now();
-            let wire = common::codec::encode_f32(&root.values);
-            encode += t.elapsed();
-            let t = Instant::now();
-            let sum = common::codec::decode_f32(&wire, engine.param_count())?;
-            decode += t.elapsed();
-            let t = Instant::now();
+            let wire = timed(&mut encode, || common::codec::encode_f32(&root.values));
+            let sum = timed(&mut decode, || common::codec::decode_f32(&wire, n))?;
             let lr = cfg.lr_at(state.step, schedule.steps_per_epoch());
-            state.apply(&sum, root.examples, lr, None)?;
-            sgd += t.elapsed();
+            timed(&mut sgd, || state.apply(&sum, root.examples, lr, None))?;
         }
         let total = phases.total() + encode + decode + sgd;
         let ms = |d: Duration| d.as_secs_f64() * 1e3 / steps as f64;
