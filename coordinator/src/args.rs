@@ -127,7 +127,7 @@ pub enum PoolArg {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Preset {
-    /// Momentum SGD (lr 0.05, momentum 0.9) decaying linearly to zero over 5 epochs: 99.27%
+    /// Momentum SGD (lr 0.1, momentum 0.9) decaying linearly to zero over 5 epochs: 99.32%
     /// test accuracy.
     Default,
     /// The lecture's exact hyperparameters: plain gradient descent at lr 0.00001, 10 epochs,

@@ -269,7 +269,7 @@ pub async fn run_job_in_process(
     within: Duration,
 ) -> Result<()> {
     let c = InProcess::start(&job_args(workers, args)).await?;
-    let mut ws = start_workers(dir, workers, &c.url)?;
+    let mut ws = start_workers(dir, workers, &c.url, &[])?;
     let outcome = c.finish(within).await;
     anyhow::ensure!(
         matches!(outcome, Ok(coordinator::driver::Outcome::Finished { .. })),
@@ -414,8 +414,19 @@ pub fn run_job(
     args: &[impl AsRef<str>],
     within: Duration,
 ) -> Result<String> {
+    run_job_on(dir, workers, &[], args, within)
+}
+
+/// [`run_job`] with `worker_args` given to every worker (`--backend tch`, say).
+pub fn run_job_on(
+    dir: &Path,
+    workers: usize,
+    worker_args: &[&str],
+    args: &[impl AsRef<str>],
+    within: Duration,
+) -> Result<String> {
     let (mut c, url) = start_coordinator(dir, "coordinator", &job_args(workers, args))?;
-    let mut ws = start_workers(dir, workers, &url)?;
+    let mut ws = start_workers(dir, workers, &url, worker_args)?;
     let status = c.wait_exit(within)?;
     anyhow::ensure!(
         status.success(),
@@ -434,10 +445,10 @@ fn job_args(workers: usize, args: &[impl AsRef<str>]) -> Vec<String> {
     all
 }
 
-/// `n` workers (`worker0`, ...) against `url`.
-fn start_workers(dir: &Path, n: usize, url: &str) -> Result<Vec<Proc>> {
+/// `n` workers (`worker0`, ...) against `url`, each with `args`.
+fn start_workers(dir: &Path, n: usize, url: &str, args: &[&str]) -> Result<Vec<Proc>> {
     (0..n)
-        .map(|i| start_worker(dir, &format!("worker{i}"), url, &[]))
+        .map(|i| start_worker(dir, &format!("worker{i}"), url, args))
         .collect()
 }
 

@@ -47,7 +47,9 @@ async fn the_cluster_reproduces_the_single_process_training_loop() {
 
 /// The bf16 wire is an approximation by design: it must be in effect (the parameters differ
 /// from the exact run) and stay close to it (bf16 keeps 8 bits of mantissa; the master weights
-/// stay f32 on the coordinator).
+/// stay f32 on the coordinator). Training amplifies the rounding in proportion to the rate:
+/// relative L2 2.9e-2 after 20 steps at the default peak lr 0.1 (under 2e-2 at 0.05), against
+/// about 1 for a wrong decode.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_bf16_wire_trains_close_to_the_exact_loop() {
     let cluster = train_with(2, "bf16", &["--wire-format", "bf16"]).await;
@@ -65,5 +67,5 @@ async fn the_bf16_wire_trains_close_to_the_exact_loop() {
     let relative = (diff / norm).sqrt();
     println!("bf16 wire vs exact after {STEPS} steps: relative L2 {relative:.2e}");
     assert!(relative > 0.0, "the bf16 wire was not in effect");
-    assert!(relative < 0.02, "relative L2 {relative}");
+    assert!(relative < 0.05, "relative L2 {relative}");
 }

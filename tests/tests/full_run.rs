@@ -1,17 +1,23 @@
-//! The product's promise: the default job (5 epochs, the learning rate falling linearly to
-//! zero) on 2 workers reaches >= 99.2% test accuracy (99.27% measured; the pure-Rust backend is
-//! deterministic, so the margin only covers another CPU's kernels). About 18 minutes on a
-//! 2-core machine; it is part of the suite CI runs.
+//! The product's promise: the default job (5 epochs, lr 0.1 falling linearly to zero) on 2
+//! workers reaches the 99.3% test accuracy (99.32% measured); checked >= 99.2%.
+//!
+//! The workers run libtorch (`--features tch`, the suite's second phase): on this 2-core CPU it
+//! computes a step 2.6x faster than the pure-Rust backend (316 against 121 images/s per thread,
+//! `worker --local-steps`), so the job takes 11 minutes instead of 18. The job is the same and
+//! the backend a run-time choice. libtorch on one thread per worker is deterministic on a given
+//! CPU, but its BLAS picks kernels by CPU model: the margin covers another machine's rounding.
+#![cfg(feature = "tch")]
 
 use cluster_tests::*;
 use std::time::Duration;
 
 #[test]
-fn the_default_job_on_two_workers_reaches_99_2_percent_test_accuracy() {
+fn the_default_job_on_two_libtorch_workers_reaches_99_2_percent_test_accuracy() {
     let dir = scratch("full-run");
-    let log = run_job(
+    let log = run_job_on(
         &dir,
         2,
+        &["--backend", "tch"],
         &["--checkpoint-url", dir.join("ck").to_str().unwrap()],
         Duration::from_secs(3600),
     )

@@ -293,7 +293,7 @@ fn a_checkpoint_of_another_model_or_config_is_refused_with_a_clear_message() {
     let line = c
         .wait_for_line("learning rate changed on resume", Duration::from_secs(60))
         .unwrap();
-    assert!(line.contains("from=0.05 to=0.01"), "{line}");
+    assert!(line.contains("from=0.1 to=0.01"), "{line}");
 }
 
 #[test]
