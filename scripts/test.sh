@@ -4,7 +4,7 @@
 #      tests, S3 checkpoints (needs `weed`), `docker compose up` (needs Docker);
 #   2. the libtorch backend: `--features tch` tests, with libtorch 2.9.0 from PyPI
 #      (scripts/setup-libtorch.sh, into $LIBTORCH_DIR, default .libtorch), and the full run (the
-#      default job to its test accuracy) on libtorch workers, 1.5x faster than on the default
+#      default job to its test accuracy) on libtorch workers, 1.6x faster than on the default
 #      backend here (tests/tests/full_run.rs).
 # One test at a time: the cluster tests each use every core of a 2-core machine.
 #
