@@ -77,10 +77,10 @@ four="$(cluster 4 128 32 "$steps")"
 local256="$(local_loop 1024 256 "$((steps / 4))")"
 one256="$(cluster 1 1024 256 "$((steps / 4))")"
 
-echo "== the default job end to end (1 worker on cuda:0)"
+echo "== the default job end to end (1 worker on cuda:0; the coordinator validates there too)"
 start=$(date +%s.%N)
 "$bin/coordinator" --listen 127.0.0.1:50051 --metrics-listen 127.0.0.1:0 --workers 1 \
-    --data-dir "$mnist" --checkpoint-url "$out/ck-full" --fresh --linger 1 > "$out/full.log" 2>&1 &
+    --backend tch --device cuda:0 --data-dir "$mnist" --checkpoint-url "$out/ck-full" --fresh --linger 1 > "$out/full.log" 2>&1 &
 coordinator=$!
 "$bin/worker" --coordinator http://127.0.0.1:50051 --backend tch --device cuda:0 > "$out/full-worker.log" 2>&1 &
 worker=$!

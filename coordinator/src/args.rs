@@ -6,6 +6,7 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use common::codec::WireFormat;
+use common::engine::BackendKind;
 use common::model::{ModelKind, ModelSpec, Pool};
 use common::train::{LrSchedule, TrainConfig};
 use std::net::SocketAddr;
@@ -243,6 +244,13 @@ pub struct TrainArgs {
     /// Validate every N steps (and at each epoch end).
     #[arg(long, env = "COORDINATOR_EVAL_EVERY")]
     pub eval_every: Option<u64>,
+    /// Tensor backend of the validation and test accuracy: flex (pure Rust) or tch (libtorch,
+    /// needs the `tch` build). Workers choose their own.
+    #[arg(long, env = "COORDINATOR_BACKEND", default_value = "flex")]
+    pub backend: BackendKind,
+    /// Device of the validation and test accuracy: cpu, or cuda:N with --backend tch.
+    #[arg(long, env = "COORDINATOR_DEVICE", default_value = "cpu")]
+    pub device: String,
     /// Validation images used (from the 5,000 held out).
     #[arg(long, env = "COORDINATOR_VALIDATION_SIZE")]
     pub validation_size: Option<usize>,
@@ -442,6 +450,7 @@ impl TrainArgs {
         match checks.into_iter().find(|(bad, _)| *bad) {
             Some((_, msg)) => Err(msg),
             None => {
+                common::engine::device(self.backend, &self.device).map_err(|e| e.to_string())?;
                 self.launcher.validate()?;
                 message_sizes_fit(t)
             }

@@ -28,7 +28,7 @@ use crate::launcher::{Launcher, LauncherKind, Setup};
 use crate::service::TrainerService;
 use crate::state::{JobState, JobStatus, Shared};
 use crate::status::StatusService;
-use common::engine::{BackendKind, Engine};
+use common::engine::Engine;
 use common::train::TrainState;
 use futures::future::BoxFuture;
 use proto::status_server::StatusServer;
@@ -76,7 +76,7 @@ async fn serve_job(
         dir = %args.mnist.data_dir.display(),
         "MNIST loaded and verified"
     );
-    let engine = Engine::new(cfg.model, BackendKind::Flex, "cpu", cfg.keep_prob)?;
+    let engine = Engine::new(cfg.model, args.backend, &args.device, cfg.keep_prob)?;
 
     let checkpoint_url = args
         .checkpoint_url

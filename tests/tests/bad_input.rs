@@ -119,6 +119,18 @@ fn invalid_coordinator_flags_say_what_to_change() {
     );
     coordinator_fails(
         &dir,
+        "backend",
+        &["--data-dir", data, "--backend", "cuda"],
+        "unknown backend \"cuda\" (expected flex or tch)",
+    );
+    coordinator_fails(
+        &dir,
+        "device",
+        &["--data-dir", data, "--device", "cuda:0"],
+        "cuda:0 (the flex backend is CPU only; use --backend tch for CUDA)",
+    );
+    coordinator_fails(
+        &dir,
         "unknown",
         &["--data-dir", data, "--no-such-flag"],
         "unexpected argument",

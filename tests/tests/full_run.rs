@@ -18,7 +18,12 @@ fn the_default_job_on_two_libtorch_workers_reaches_99_2_percent_test_accuracy() 
         &dir,
         2,
         &["--backend", "tch"],
-        &["--checkpoint-url", dir.join("ck").to_str().unwrap()],
+        &[
+            "--backend",
+            "tch",
+            "--checkpoint-url",
+            dir.join("ck").to_str().unwrap(),
+        ],
         Duration::from_secs(3600),
     )
     .unwrap();

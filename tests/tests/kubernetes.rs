@@ -113,7 +113,13 @@ fn make_images() {
 }
 
 /// The Secret's files, made once into deploy/k8s/base/tls (git-ignored) as the README says.
+/// Once per test run: scripts/test.sh runs these tests two at a time.
 fn certs() -> PathBuf {
+    static MADE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    MADE.get_or_init(make_certs).clone()
+}
+
+fn make_certs() -> PathBuf {
     let tls = repo().join("deploy/k8s/base/tls");
     if !tls.join("token").exists() {
         let out = run_with_deadline(
