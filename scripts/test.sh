@@ -24,8 +24,9 @@ if [[ -x "$k8s_home/bin/kubelet" && -x "$k8s_shared/up.sh" ]] &&
 fi
 
 # The suite-time report, printed at the end: each test binary's time (libtest's own figure) and
-# the slowest tests. Tests run one at a time, so a test's time is from the line before its result
-# to its result; `timed` stamps the lines as they pass.
+# the slowest tests. A test's time is from the line before its result to its result (`timed`
+# stamps the lines as they pass): exact where tests run one at a time, understated for the
+# Kubernetes tests, which run two at a time.
 report="$(mktemp)"
 timed() {
     local line
