@@ -1,12 +1,14 @@
 //! The one codec for flat f32 vectors: little-endian bytes, 4 per value. It is the wire form
 //! of every tensor in the protocol (parameters, gradients) and the data of every checkpoint
-//! tensor (safetensors F32). Encoding is one `memcpy` on little-endian machines (`bytemuck`;
-//! 3.5x faster than value by value); decoding value by value already runs at copy speed (the
-//! compiler vectorises it; `cargo run -p cluster-tests --example step_checks` measures both).
+//! tensor (safetensors F32). Encoding and decoding are one `memcpy` each on little-endian
+//! machines (`bytemuck`; `cargo run -p cluster-tests --example step_checks` measures both
+//! against value by value), and an owned vector is sent without any copy ([`encode_owned`]).
 //!
 //! The wire may also carry bfloat16 ([`WireFormat::Bf16`], 2 bytes per value, rounded to
 //! nearest, ties to even): half the bytes, at the cost of 8 bits of mantissa on every parameter and
 //! gradient in flight. The coordinator's master weights and momentum stay f32.
+
+use bytes::Bytes;
 
 /// How tensors travel between coordinator and workers (also the coordinator's `--wire-format`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -70,6 +72,14 @@ pub fn decode(
         });
     }
     Ok(match format {
+        // One copy into zeroed memory: 1.4-2.5x faster than value by value, a loop the
+        // compiler does not turn into a copy (`step_checks`, five runs: 0.71-0.84 ms against
+        // 1.09-1.82).
+        WireFormat::F32 if cfg!(target_endian = "little") => {
+            let mut values = vec![0f32; expected];
+            bytemuck::cast_slice_mut::<f32, u8>(&mut values).copy_from_slice(bytes);
+            values
+        }
         WireFormat::F32 => bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -79,6 +89,24 @@ pub fn decode(
             .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
             .collect(),
     })
+}
+
+/// Encodes `values`, taking them over: in f32 on a little-endian machine the vector's own
+/// memory is the wire form, so a gradient goes out without the 13 MB copy of [`encode`].
+pub fn encode_owned(format: WireFormat, values: Vec<f32>) -> Bytes {
+    match format {
+        WireFormat::F32 if cfg!(target_endian = "little") => Bytes::from_owner(LeF32(values)),
+        _ => encode(format, &values).into(),
+    }
+}
+
+/// f32 values seen as their little-endian bytes (on a little-endian machine only).
+struct LeF32(Vec<f32>);
+
+impl AsRef<[u8]> for LeF32 {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
 }
 
 /// Encodes f32 values as little-endian bytes, the wire form of every tensor.
@@ -175,5 +203,8 @@ mod tests {
                 .is_nan()
         );
         assert_eq!(encode(WireFormat::F32, &v), encode_f32(&v));
+        for format in [WireFormat::F32, WireFormat::Bf16] {
+            assert_eq!(encode_owned(format, v.clone()), encode(format, &v));
+        }
     }
 }

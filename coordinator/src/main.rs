@@ -16,6 +16,7 @@ async fn main() -> ExitCode {
         Some(_) => LogFormat::Text,
     };
     common::process::init_logging(format);
+    common::process::keep_large_buffers();
     let result = match cli.command {
         None => train(cli.train).await,
         Some(Command::Train(args)) => train(*args).await,

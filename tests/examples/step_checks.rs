@@ -85,9 +85,17 @@ fn main() {
         encode / memcpy,
         encode_loop / memcpy
     );
+    let decode_loop = time(rounds, || {
+        let values: Vec<f32> = black_box(&bytes)
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        black_box(values);
+    });
     println!(
-        "wire decode (a new vector)             {decode:7.3} ms  ({:.2}x the copy)",
-        decode / memcpy
+        "wire decode (a new vector)             {decode:7.3} ms  ({:.2}x the copy; value by value {decode_loop:.3} ms, {:.2}x)",
+        decode / memcpy,
+        decode_loop / memcpy
     );
     use common::codec::{WireFormat, decode as decode_as, encode as encode_as};
     let bf16 = encode_as(WireFormat::Bf16, &grad);

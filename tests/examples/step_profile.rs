@@ -32,6 +32,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the coordinator and worker binaries do (the local loop's baseline too).
+    common::process::keep_large_buffers();
     let steps: u64 = std::env::args().nth(1).map_or(Ok(20), |s| s.parse())?;
     let device: String = env_or("DEVICE", "cpu".to_string());
     let threads: usize = env_or("THREADS", 2);

@@ -128,6 +128,8 @@ async fn distributed(
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the coordinator and worker binaries do (the local loop's baseline too).
+    common::process::keep_large_buffers();
     let steps: u64 = std::env::args().nth(1).map_or(Ok(30), |s| s.parse())?;
     let backends: Vec<String> = std::env::var("BENCH_BACKENDS")
         .unwrap_or_else(|_| "flex".into())

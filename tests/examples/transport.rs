@@ -82,7 +82,12 @@ async fn null_worker(url: String, name: String, steps: u64) -> anyhow::Result<Se
             .collect();
         let up_bytes = (parts.len() * zeros.len()) as f64;
         let sent = Instant::now();
-        client.submit_gradients(tokio_stream::iter(parts)).await?;
+        // A straggler's shard may have gone to another worker as a backup (its answer is then
+        // refused as late): a race the real worker also swallows.
+        match client.submit_gradients(tokio_stream::iter(parts)).await {
+            Err(s) if s.code() == tonic::Code::Aborted => continue,
+            r => r?,
+        };
         if timed {
             seen.down_secs += got;
             seen.down_bytes += task_bytes;
@@ -205,6 +210,8 @@ fn memcpy_gbps(bytes: usize) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The null workers allocate as real ones do (the coordinator binary does this itself).
+    common::process::keep_large_buffers();
     let steps: u64 = std::env::args().nth(1).map_or(Ok(60), |s| s.parse())?;
     let extra: Vec<String> = std::env::args().skip(2).collect();
     let rt = tokio::runtime::Runtime::new()?;

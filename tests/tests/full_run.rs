@@ -35,6 +35,12 @@ fn the_default_job_on_two_libtorch_workers_reaches_99_2_percent_test_accuracy() 
     };
     assert_eq!(registered("backend=\"tch\""), 2, "{log}");
     assert_eq!(registered("backend=\"flex\""), 0, "{log}");
+    // And the coordinator validates on libtorch too, as asked.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("computed on this engine") && l.contains("backend=tch")),
+        "{log}"
+    );
     let acc = test_accuracy(&log).unwrap_or_else(|| panic!("no test accuracy in\n{log}"));
     println!("test accuracy after the default job's 5 epochs: {acc}");
     assert!(acc >= 0.992, "test accuracy {acc} < 0.992");

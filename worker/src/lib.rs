@@ -500,7 +500,7 @@ pub fn compute(
         .zip(sums)
         .map(|(n, sum)| NodeGradient {
             node: Some(NodeRange { lo: n.lo, hi: n.hi }),
-            gradient: common::codec::encode(wire, &sum.values).into(),
+            gradient: common::codec::encode_owned(wire, sum.values),
             loss_sum: sum.loss_sum,
         })
         .collect())

@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 fn main() -> ExitCode {
     let args = worker::Args::parse();
     common::process::init_logging(args.log_format);
+    common::process::keep_large_buffers();
     if let Err(e) = args.validate() {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
