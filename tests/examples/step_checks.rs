@@ -22,6 +22,8 @@ fn time(rounds: u32, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    // As the coordinator and worker binaries do.
+    common::process::keep_large_buffers();
     let rounds: u32 = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())
