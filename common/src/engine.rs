@@ -189,6 +189,11 @@ impl Engine {
         self.param_count
     }
 
+    /// The device this engine computes on (its backend included).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// One gradient per micro-batch, each from its own forward and backward pass (each leaf
     /// its own node of [`node_gradients`](Self::node_gradients)).
     pub fn gradients(

@@ -34,22 +34,16 @@ pub fn init_logging(format: LogFormat) {
 /// buffer every step. With the two settings below the transport benchmark's step took 16% less
 /// with one null worker and 17% less with four (README, Performance). Other C libraries:
 /// nothing to do.
+#[allow(unsafe_code)]
 pub fn keep_large_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    glibc::keep_large_buffers();
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-mod glibc {
-    /// Allocations from this size on get an `mmap` of their own, unmapped on free (glibc's
-    /// default starts at 128 KiB and adapts). 32 MiB is the most older glibc accepts, and over
-    /// twice the seed convnet's 13.1 MB tensors.
-    const MMAP_THRESHOLD: libc::c_int = 32 << 20;
-    /// The free top of a heap goes back to the kernel once it is larger than this.
-    const TRIM_THRESHOLD: libc::c_int = 256 << 20;
-
-    pub fn keep_large_buffers() {
+    {
+        // Allocations from this size on get an `mmap` of their own, unmapped on free (glibc's
+        // default starts at 128 KiB and adapts). 32 MiB is the most older glibc accepts, and
+        // over twice the seed convnet's 13.1 MB tensors.
+        const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+        // The free top of a heap goes back to the kernel once it is larger than this.
+        const TRIM_THRESHOLD: libc::c_int = 256 << 20;
         // The trim setting alone would freeze the mmap threshold at its 128 KiB start, worse
         // than nothing: it is set only once the first one is taken.
         // SAFETY: mallopt only changes two settings of the allocator, under its own lock.

@@ -77,11 +77,7 @@ async fn serve_job(
         "MNIST loaded and verified"
     );
     let engine = Engine::new(cfg.model, args.backend, &args.device, cfg.keep_prob)?;
-    info!(
-        backend = %args.backend,
-        device = %args.device,
-        "validation and test accuracy computed on this engine"
-    );
+    info!(engine = ?engine.device(), "validation and test accuracy computed on this engine");
 
     let checkpoint_url = args
         .checkpoint_url

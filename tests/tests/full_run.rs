@@ -35,10 +35,10 @@ fn the_default_job_on_two_libtorch_workers_reaches_99_2_percent_test_accuracy() 
     };
     assert_eq!(registered("backend=\"tch\""), 2, "{log}");
     assert_eq!(registered("backend=\"flex\""), 0, "{log}");
-    // And the coordinator validates on libtorch too, as asked.
+    // And the coordinator validates on libtorch too, as asked: the device its engine holds.
     assert!(
         log.lines()
-            .any(|l| l.contains("computed on this engine") && l.contains("backend=tch")),
+            .any(|l| l.contains("computed on this engine") && l.contains("LibTorch(")),
         "{log}"
     );
     let acc = test_accuracy(&log).unwrap_or_else(|| panic!("no test accuracy in\n{log}"));
