@@ -159,8 +159,8 @@ impl TrainState {
 
     /// Applies one step's summed gradient at learning rate `lr`, clipped to `clip` (see
     /// [`TrainConfig`]). Returns the L2 norm of the mean gradient before clipping. A non-finite
-    /// gradient leaves the state as it was; a step whose parameters come out non-finite leaves
-    /// it unusable. Both are [`Error::Diverged`].
+    /// gradient, or parameters that come out non-finite, leave the state unusable: both are
+    /// [`Error::Diverged`], and the job stops.
     pub fn apply(
         &mut self,
         sum: &[f32],
@@ -169,16 +169,24 @@ impl TrainState {
         clip: Option<f32>,
     ) -> Result<f64, Error> {
         let mean = 1.0 / examples.max(1) as f32;
-        let norm = crate::sgd::l2_norm(sum) * f64::from(mean);
+        let (finite, norm) = match clip {
+            // The norm is only reported: taken in the step's own pass.
+            None => {
+                let (finite, norm) = self.sgd.step_and_norm(&mut self.params, sum, lr, mean);
+                (finite, norm * f64::from(mean))
+            }
+            // The norm sets the step's scale: taken first.
+            Some(_) => {
+                let norm = crate::sgd::l2_norm(sum) * f64::from(mean);
+                let scale = mean * crate::sgd::clip_factor(norm, clip);
+                let finite = norm.is_finite() && self.sgd.step(&mut self.params, sum, lr, scale);
+                (finite, norm)
+            }
+        };
         if !norm.is_finite() {
             return Err(Error::Diverged(format!("the gradient norm is {norm}")));
         }
-        let scale = if clip.is_some() {
-            mean * crate::sgd::clip_factor(norm, clip)
-        } else {
-            mean
-        };
-        if !self.sgd.step(&mut self.params, sum, lr, scale) {
+        if !finite {
             return Err(Error::Diverged("a parameter became NaN or infinite".into()));
         }
         self.step += 1;

@@ -3,8 +3,8 @@
 //! counted in status, and never stops training.
 
 use crate::core::{Accepted, CoreError, Submission, WorkerInfo};
-use crate::state::Shared;
-use common::codec::WireFormat;
+use crate::state::{Shared, StepData};
+use common::codec::{PartsDecoder, WireFormat};
 use common::tree::Node;
 use proto::trainer_server::Trainer;
 use proto::{
@@ -49,6 +49,37 @@ impl TrainerService {
         } else {
             core_status(e)
         }
+    }
+
+    /// A node whose parts have all come: its gradient, checked (whole, finite, its norm within
+    /// the bound), with its loss.
+    fn close(
+        &self,
+        worker: u64,
+        address: &str,
+        step: u64,
+        data: &Option<Arc<StepData>>,
+        open: OpenNode,
+    ) -> Result<(Node, Vec<f32>, f64), Status> {
+        let node = open.node;
+        let (values, norm) = open.values.finish().map_err(|e| {
+            let why = format!("gradient of the wrong length: {e}");
+            self.bad_input(worker, address, &why)
+        })?;
+        let examples = data
+            .as_ref()
+            .and_then(|d| d.leaves.get(node.lo as usize..node.hi as usize))
+            .map_or(1, |l| l.iter().map(|r| r.len()).sum::<usize>());
+        let bound = self.shared.max_node_grad_norm;
+        if let Err(why) = check_gradient(norm, open.loss_sum, examples, bound) {
+            if why.over_bound {
+                // Honest workers of a diverging model send such gradients too.
+                self.shared.core().numeric_trouble(worker, step, &why.text);
+                self.shared.notify();
+            }
+            return Err(self.bad_input(worker, address, &why.text));
+        }
+        Ok((node, values, open.loss_sum))
     }
 
     /// Refuses a call from a worker registered with an earlier coordinator process: its id may
@@ -248,9 +279,10 @@ impl Trainer for TrainerService {
             .expected_nodes(worker, task_id, step, Instant::now());
         let expected = expected.map_err(|e| self.refuse(worker, &address, e))?;
         let data = self.shared.step_data().filter(|d| d.step == step);
-        let n = self.shared.param_count;
         let mut nodes = Vec::with_capacity(expected.len());
         let (mut loss_sum, mut bytes) = (0.0, 0u64);
+        // The node whose parts are coming in.
+        let mut open: Option<OpenNode> = None;
         let mut part = Some(first);
         while let Some(p) = part {
             if (p.worker_id, p.incarnation, p.task_id, p.step) != header {
@@ -265,45 +297,55 @@ impl Trainer for TrainerService {
                     return Err(self.bad_input(worker, &address, "gradient without its tree node"));
                 };
                 let node = Node::new(range.lo, range.hi);
-                if expected.get(nodes.len()) != Some(&node) {
-                    let mut got: Vec<Node> = nodes.iter().map(|(n, _)| *n).collect();
-                    got.push(node);
-                    let e = CoreError::WrongNodes {
-                        got,
-                        want: expected.clone(),
-                    };
-                    return Err(self.refuse(worker, &address, e));
-                }
-                let values =
-                    common::codec::decode(self.shared.wire, &g.gradient, n).map_err(|e| {
-                        self.bad_input(
-                            worker,
-                            &address,
-                            &format!("gradient of the wrong length: {e}"),
-                        )
-                    })?;
-                let examples = data
-                    .as_ref()
-                    .and_then(|d| d.leaves.get(node.lo as usize..node.hi as usize))
-                    .map_or(1, |l| l.iter().map(|r| r.len()).sum::<usize>());
-                if let Err(why) = check_gradient(
-                    &values,
-                    g.loss_sum,
-                    examples,
-                    self.shared.max_node_grad_norm,
-                ) {
-                    if why.over_bound {
-                        // Honest workers of a diverging model send such gradients too.
-                        self.shared.core().numeric_trouble(worker, step, &why.text);
-                        self.shared.notify();
+                let current = match open.take() {
+                    Some(o) if o.node == node => o,
+                    earlier => {
+                        if let Some(o) = earlier {
+                            let (closed, values, loss) =
+                                self.close(worker, &address, step, &data, o)?;
+                            loss_sum += loss;
+                            nodes.push((closed, values));
+                        }
+                        if expected.get(nodes.len()) != Some(&node) {
+                            let mut got: Vec<Node> = nodes.iter().map(|(n, _)| *n).collect();
+                            got.push(node);
+                            let e = CoreError::WrongNodes {
+                                got,
+                                want: expected.clone(),
+                            };
+                            return Err(self.refuse(worker, &address, e));
+                        }
+                        OpenNode {
+                            node,
+                            values: PartsDecoder::new(self.shared.wire, self.shared.param_count),
+                            loss_sum: 0.0,
+                        }
                     }
-                    return Err(self.bad_input(worker, &address, &why.text));
+                };
+                let o = open.insert(current);
+                if g.offset != o.values.decoded() as u64 {
+                    let why = format!(
+                        "a part of node {}..{} at value {}, not {}: parts come in order",
+                        o.node.lo,
+                        o.node.hi,
+                        g.offset,
+                        o.values.decoded()
+                    );
+                    return Err(self.bad_input(worker, &address, &why));
                 }
+                o.values.push(&g.gradient).map_err(|e| {
+                    let why = format!("gradient of the wrong length: {e}");
+                    self.bad_input(worker, &address, &why)
+                })?;
+                o.loss_sum += g.loss_sum;
                 bytes += g.gradient.len() as u64;
-                loss_sum += g.loss_sum;
-                nodes.push((node, values));
             }
             part = parts.message().await?;
+        }
+        if let Some(o) = open {
+            let (closed, values, loss) = self.close(worker, &address, step, &data, o)?;
+            loss_sum += loss;
+            nodes.push((closed, values));
         }
         let sub = Submission {
             worker,
@@ -374,15 +416,22 @@ struct Unusable {
     over_bound: bool,
 }
 
-/// Checks a node's gradient: no NaN or infinite value (or loss), and an L2 norm per example
-/// within `bound` (`--max-node-grad-norm`). One pass over the values.
+/// A node of a submission whose parts are coming in.
+struct OpenNode {
+    node: Node,
+    values: PartsDecoder,
+    loss_sum: f64,
+}
+
+/// Checks a node's gradient by its L2 norm (taken while it was decoded, NaN or infinite when a
+/// value is): no NaN or infinite value (or loss), and a norm per example within `bound`
+/// (`--max-node-grad-norm`).
 fn check_gradient(
-    values: &[f32],
+    norm: f64,
     loss_sum: f64,
     examples: usize,
     bound: Option<f64>,
 ) -> Result<(), Unusable> {
-    let norm = common::sgd::l2_norm(values);
     if !norm.is_finite() || !loss_sum.is_finite() {
         return Err(Unusable {
             text: "gradient contains NaN or Inf".into(),

@@ -1,9 +1,10 @@
 //! What the coordinator's numeric checks cost per step, against a plain copy of the same bytes
 //! measured in the same run: the gradient checks on every submitted node (NaN/Inf and the norm
 //! bound, one pass), the mean gradient's norm (divergence and `--clip-grad-norm`), and the SGD
-//! step with its fused finiteness check, and the wire codec (`common::codec`: parameters
+//! step with its fused finiteness check, the step and the norm in two passes against fused, and the wire codec (`common::codec`: parameters
 //! encoded once a step, each gradient decoded) against the value-by-value loop it replaced, and
-//! the bf16 wire format's encode and decode, for the seed convnet's 3,274,634 parameters.
+//! the bf16 wire format's encode and decode, the gradient intake (decode, then the norm check)
+//! in two passes against fused block by block, for the seed convnet's 3,274,634 parameters.
 //!
 //!   cargo run -p cluster-tests --example step_checks [-- ROUNDS]          (default 50)
 
@@ -68,6 +69,20 @@ fn main() {
         sgd_ms / memcpy,
         sgd_ms / unchecked
     );
+    // The coordinator's step without clipping: the mean gradient's norm (reported) and the step.
+    let two_passes_sgd = time(rounds, || {
+        black_box(l2_norm(black_box(&grad)));
+        black_box(sgd.step(&mut params, black_box(&grad), 0.05, 1e-6));
+    });
+    let fused_sgd = time(rounds, || {
+        black_box(sgd.step_and_norm(&mut params, black_box(&grad), 0.05, 1e-6));
+    });
+    println!(
+        "norm + SGD step, two passes            {two_passes_sgd:7.3} ms  ({:.2}x the copy; fused block by block {fused_sgd:.3} ms, {:.2}x, {:.2}x two passes)",
+        two_passes_sgd / memcpy,
+        fused_sgd / memcpy,
+        fused_sgd / two_passes_sgd
+    );
     let bytes = common::codec::encode_f32(&grad);
     let encode = time(rounds, || {
         black_box(common::codec::encode_f32(black_box(&grad)));
@@ -100,6 +115,26 @@ fn main() {
         decode_loop / memcpy
     );
     use common::codec::{WireFormat, decode as decode_as, encode as encode_as};
+    // The coordinator's intake of a submitted gradient: decoded, then checked by its norm.
+    let two_passes = time(rounds, || {
+        let values = common::codec::decode_f32(black_box(&bytes), n).unwrap();
+        black_box(l2_norm(&values));
+        black_box(values);
+    });
+    let fused = time(rounds, || {
+        let mut d = common::codec::PartsDecoder::new(WireFormat::F32, n);
+        // In the parts a worker sends.
+        for part in black_box(&bytes).chunks(proto::GRADIENT_PART_BYTES) {
+            d.push(part).unwrap();
+        }
+        black_box(d.finish().unwrap());
+    });
+    println!(
+        "decode + gradient check, two passes    {two_passes:7.3} ms  ({:.2}x the copy; in parts, fused block by block {fused:.3} ms, {:.2}x, {:.2}x two passes)",
+        two_passes / memcpy,
+        fused / memcpy,
+        fused / two_passes
+    );
     let bf16 = encode_as(WireFormat::Bf16, &grad);
     let encode_bf16 = time(rounds, || {
         black_box(encode_as(WireFormat::Bf16, black_box(&grad)));

@@ -4,9 +4,11 @@
 //! only what the distributed step adds to the computing: the task down, the gradients up, the
 //! coordinator's decode, reduction, SGD and encode. Printed per direction in GB/s, against a
 //! plain memcpy of the same bytes and the same bytes over a bare loopback TCP socket, both
-//! measured in this run. A direction's time runs from the call to its answer, so the download
-//! includes the coordinator's SGD and encode when the worker asks before the step is ready, and
-//! the upload the coordinator's decode and checks.
+//! measured in this run. The download's time runs from the reply's headers to its last byte
+//! (the coordinator's encode, the bytes in flight, the worker's receive): a worker asks for the
+//! next step as soon as it has answered, so the time from the ask also holds the wait for the
+//! coordinator's reduction and SGD, printed beside it. The upload's runs from the call to its
+//! answer (the worker's encode, the bytes, the coordinator's receive, decode and checks).
 //!
 //!   cargo run -p cluster-tests --example transport [-- STEPS [FLAGS]]  (default 60; 1, 2, 4 workers)
 //!   e.g. `-- 30 --wire-format bf16`: FLAGS go to the coordinator.
@@ -14,8 +16,10 @@
 use bytes::Bytes;
 use cluster_tests::*;
 use proto::get_work_response::Reply;
-use proto::{GetWorkRequest, NodeGradient, RegisterRequest, SubmitRequest};
+use proto::{GetWorkRequest, RegisterRequest, SubmitRequest};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 
 const WARMUP: u64 = 5;
 
@@ -23,14 +27,55 @@ const WARMUP: u64 = 5;
 /// download) and of its submissions (the upload), over the timed steps.
 #[derive(Default, Clone, Copy)]
 struct Seen {
+    /// From the ask to the reply's last byte.
+    asked_secs: f64,
     down_secs: f64,
     down_bytes: f64,
     up_secs: f64,
     up_bytes: f64,
 }
 
+/// A channel that notes when each reply's headers arrive (its future resolves then; the body
+/// follows).
+#[derive(Clone)]
+struct Stamped<S> {
+    inner: S,
+    headers_at: Arc<Mutex<Option<Instant>>>,
+}
+
+impl<S, B> Service<http::Request<B>> for Stamped<S>
+where
+    S: Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let reply = self.inner.call(req);
+        let headers_at = self.headers_at.clone();
+        Box::pin(async move {
+            let r = reply.await;
+            *headers_at.lock().expect("not poisoned") = Some(Instant::now());
+            r
+        })
+    }
+}
+
 async fn null_worker(url: String, name: String, steps: u64) -> anyhow::Result<Seen> {
-    let mut client = trainer_client(&url, &ClientSecurity::none()).await?;
+    let security = ClientSecurity::none();
+    let headers_at = Arc::new(Mutex::new(None));
+    let channel = security.endpoint(&url)?.connect().await?;
+    let mut client = proto::trainer_client::TrainerClient::new(Stamped {
+        inner: security.authorize(channel),
+        headers_at: headers_at.clone(),
+    })
+    .max_decoding_message_size(proto::MAX_MESSAGE_BYTES);
     let reg = client
         .register(RegisterRequest {
             protocol_version: proto::PROTOCOL_VERSION,
@@ -58,6 +103,8 @@ async fn null_worker(url: String, name: String, steps: u64) -> anyhow::Result<Se
             })
             .await?;
         let got = asked.elapsed().as_secs_f64();
+        let headers = headers_at.lock().expect("not poisoned").take();
+        let in_flight = headers.map_or(got, |h| h.elapsed().as_secs_f64());
         let task = match reply.into_inner().reply {
             Some(Reply::Task(t)) => t,
             Some(Reply::Shutdown(_)) => return Ok(seen),
@@ -65,22 +112,20 @@ async fn null_worker(url: String, name: String, steps: u64) -> anyhow::Result<Se
         };
         let timed = task.step >= WARMUP && task.step < WARMUP + steps;
         let task_bytes = (task.params.len() + task.images.len() + task.labels.len()) as f64;
+        // As a real worker sends them: each node's gradient in parts.
         let parts: Vec<SubmitRequest> = task
             .nodes
             .iter()
-            .map(|n| SubmitRequest {
+            .flat_map(|n| proto::gradient_parts(*n, zeros.clone(), 0.0, width))
+            .map(|part| SubmitRequest {
                 worker_id: reg.worker_id,
                 incarnation: reg.incarnation,
                 task_id: task.task_id,
                 step: task.step,
-                nodes: vec![NodeGradient {
-                    node: Some(proto::NodeRange { lo: n.lo, hi: n.hi }),
-                    gradient: zeros.clone(),
-                    loss_sum: 0.0,
-                }],
+                nodes: vec![part],
             })
             .collect();
-        let up_bytes = (parts.len() * zeros.len()) as f64;
+        let up_bytes = (task.nodes.len() * zeros.len()) as f64;
         let sent = Instant::now();
         // A straggler's shard may have gone to another worker as a backup (its answer is then
         // refused as late): a race the real worker also swallows.
@@ -89,7 +134,8 @@ async fn null_worker(url: String, name: String, steps: u64) -> anyhow::Result<Se
             r => r?,
         };
         if timed {
-            seen.down_secs += got;
+            seen.asked_secs += got;
+            seen.down_secs += in_flight;
             seen.down_bytes += task_bytes;
             seen.up_secs += sent.elapsed().as_secs_f64();
             seen.up_bytes += up_bytes;
@@ -230,10 +276,11 @@ fn main() -> anyhow::Result<()> {
         let (step, seen) = rt.block_on(run(workers, steps, &extra))?;
         let sum = |f: fn(&Seen) -> f64| seen.iter().map(f).sum::<f64>();
         let down = sum(|s| s.down_bytes) / sum(|s| s.down_secs) / 1e9;
+        let asked = sum(|s| s.down_bytes) / sum(|s| s.asked_secs) / 1e9;
         let up = sum(|s| s.up_bytes) / sum(|s| s.up_secs) / 1e9;
         let moved = (sum(|s| s.down_bytes) + sum(|s| s.up_bytes)) / steps as f64;
         println!(
-            "{workers} worker(s): {:>6.2} ms/step ({:.1} MB moved per step); task down {down:.2} GB/s ({:.2}x memcpy, {:.2}x TCP), gradients up {up:.2} GB/s ({:.2}x memcpy, {:.2}x TCP)",
+            "{workers} worker(s): {:>6.2} ms/step ({:.1} MB moved per step); task down {down:.2} GB/s ({:.2}x memcpy, {:.2}x TCP; {asked:.2} GB/s from the ask), gradients up {up:.2} GB/s ({:.2}x memcpy, {:.2}x TCP)",
             step * 1e3,
             moved / 1e6,
             down / copy,

@@ -262,6 +262,7 @@ fn answer(me: &RegisterResponse, task: &proto::Task, gradient: &[f32]) -> Submit
                 node: Some(*n),
                 gradient: bytes.clone().into(),
                 loss_sum: 1.0,
+                offset: 0,
             })
             .collect(),
     }
@@ -313,7 +314,7 @@ async fn hostile_client(name: &str, tls: bool) {
         .iter()
         .flat_map(|d| ["--tls-dir".to_string(), d.display().to_string()])
         .collect();
-    let mut extra = vec!["--heartbeat-timeout", "3", "--max-bad-inputs", "7"];
+    let mut extra = vec!["--heartbeat-timeout", "3", "--max-bad-inputs", "8"];
     extra.extend(tls_args.iter().map(String::as_str));
     let (mut c, url) = coordinator(&dir, 2, &extra);
     let (worker_security, reader) = match &tls_dir {
@@ -452,6 +453,15 @@ async fn hostile_client(name: &str, tls: bool) {
         client.submit_gradients(one(wrong_nodes)).await,
         Code::InvalidArgument,
     );
+    // A node's gradient in two parts, the second claiming the first's place.
+    let mut out_of_order = answer(&reg, &task, &zeros[..n / 2]);
+    out_of_order.nodes.insert(1, out_of_order.nodes[0].clone());
+    expect(
+        &mut refused,
+        "gradient parts out of order",
+        client.submit_gradients(one(out_of_order)).await,
+        Code::InvalidArgument,
+    );
     let mut impostor = answer(&reg, &task, &zeros);
     impostor.worker_id = 424_242;
     expect(
@@ -466,7 +476,7 @@ async fn hostile_client(name: &str, tls: bool) {
         .await
         .unwrap();
     assert!(taken.into_inner().accepted);
-    // ...once: the seventh bad submission quarantines the sender.
+    // ...once: the eighth bad submission quarantines the sender.
     expect(
         &mut refused,
         "duplicate answer",
@@ -510,12 +520,12 @@ async fn hostile_client(name: &str, tls: bool) {
     let s = get_status_as(&url, &reader).await.unwrap();
     let hostile = s.workers.iter().find(|w| w.id == me).unwrap();
     assert_eq!(hostile.state, "quarantined", "{hostile:?}");
-    assert_eq!(hostile.bad_inputs, 7, "{hostile:?}");
+    assert_eq!(hostile.bad_inputs, 8, "{hostile:?}");
     assert!(
         hostile.last_bad_input.contains("already answered"),
         "{hostile:?}"
     );
-    assert!(s.bad_inputs >= 7, "{s:?}");
+    assert!(s.bad_inputs >= 8, "{s:?}");
     let log = c.log_text();
     assert!(
         log.lines()
@@ -528,6 +538,6 @@ async fn hostile_client(name: &str, tls: bool) {
     let status = c.wait_exit(Duration::from_secs(600)).unwrap();
     assert!(status.success(), "{}\n{}", c.tail(), w0.tail());
     assert_eq!(steps_done(&c.log_text()), (1..=STEPS).collect::<Vec<_>>());
-    assert_eq!(refused.len(), 16, "{refused:?}");
+    assert_eq!(refused.len(), 17, "{refused:?}");
     println!("refused {} kinds of bad input: {refused:#?}", refused.len());
 }

@@ -247,6 +247,7 @@ async fn a_gradient_over_the_norm_bound_is_refused_and_changes_nothing() {
                 node: Some(*n),
                 gradient: bytes.clone().into(),
                 loss_sum: 1.0,
+                offset: 0,
             }],
         })
         .collect();

@@ -402,7 +402,8 @@ async fn work(
             }
         };
         health.in_a_row = 0;
-        // One message per tree node, so no submission nears the message size bound.
+        // Each node's gradient in parts of 1 MiB, one message each: the coordinator decodes and
+        // checks one part while the next is on the wire, and no message nears the size bound.
         let parts: Vec<SubmitRequest> = nodes
             .into_iter()
             .map(|node| SubmitRequest {
@@ -439,7 +440,8 @@ fn ignore_races(s: Status) -> Result<(), Status> {
     }
 }
 
-/// Computes a task's node gradients; tensors come and go in `wire` format.
+/// Computes a task's node gradients, each cut into the parts it is sent in
+/// ([`proto::gradient_parts`]); tensors come and go in `wire` format.
 pub fn compute(
     engine: &Engine,
     task: &Task,
@@ -498,10 +500,13 @@ pub fn compute(
     Ok(nodes
         .iter()
         .zip(sums)
-        .map(|(n, sum)| NodeGradient {
-            node: Some(NodeRange { lo: n.lo, hi: n.hi }),
-            gradient: common::codec::encode_owned(wire, sum.values),
-            loss_sum: sum.loss_sum,
+        .flat_map(|(n, sum)| {
+            proto::gradient_parts(
+                NodeRange { lo: n.lo, hi: n.hi },
+                common::codec::encode_owned(wire, sum.values),
+                sum.loss_sum,
+                wire.bytes_per_value(),
+            )
         })
         .collect())
 }
