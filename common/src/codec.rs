@@ -1,9 +1,10 @@
 //! The one codec for flat f32 vectors: little-endian bytes, 4 per value. It is the wire form
 //! of every tensor in the protocol (parameters, gradients) and the data of every checkpoint
-//! tensor (safetensors F32). Encoding and decoding are one `memcpy` each on little-endian
-//! machines (`bytemuck`; `cargo run -p cluster-tests --example step_checks` measures both
-//! against value by value), and an owned vector becomes the message's bytes without the encode
-//! copy ([`encode_owned`]; tonic still copies it into its send buffer).
+//! tensor (safetensors F32). Encoding and decoding are one copy each on little-endian machines
+//! (`bytemuck` for the encode, a loop the compiler turns into `memcpy` for the decode;
+//! `cargo run -p cluster-tests --example step_checks` measures both), and an owned vector
+//! becomes the message's bytes without the encode copy ([`encode_owned`]; tonic still copies it
+//! into its send buffer).
 //!
 //! The wire may also carry bfloat16 ([`WireFormat::Bf16`], 2 bytes per value, rounded to
 //! nearest, ties to even): half the bytes, at the cost of 8 bits of mantissa on every parameter and
@@ -66,25 +67,10 @@ pub fn decode(
     expected: usize,
 ) -> Result<Vec<f32>, WireLengthError> {
     check_length(format, bytes, expected)?;
-    Ok(match format {
-        // One copy into zeroed memory: 1.3-2.6x faster than value by value, a loop the
-        // compiler does not turn into a copy (`step_checks`, five runs: 0.71-0.84 ms against
-        // 1.09-1.82).
-        WireFormat::F32 if cfg!(target_endian = "little") => {
-            let mut values = vec![0f32; expected];
-            bytemuck::cast_slice_mut::<f32, u8>(&mut values).copy_from_slice(bytes);
-            values
-        }
-        _ => {
-            let mut values = Vec::with_capacity(expected);
-            decode_append(format, bytes, &mut values);
-            values
-        }
-    })
+    let mut values = Vec::with_capacity(expected);
+    decode_append(format, bytes, &mut values);
+    Ok(values)
 }
-
-/// Values per block of [`PartsDecoder::push`]: 16 KiB of f32, summed while still in L1.
-const NORM_BLOCK: usize = 4096;
 
 /// A vector that arrives in parts (a gradient streamed in a submission, see
 /// `proto::gradient_parts`): each part decoded onto the end, block by block, each block's
@@ -131,7 +117,7 @@ impl PartsDecoder {
                 format: self.format,
             });
         }
-        for wire in bytes.chunks(NORM_BLOCK * width) {
+        for wire in bytes.chunks(crate::sgd::CACHE_BLOCK * width) {
             let start = self.values.len();
             decode_append(self.format, wire, &mut self.values);
             self.squares.add(&self.values[start..]);
@@ -165,7 +151,8 @@ fn check_length(format: WireFormat, bytes: &[u8], expected: usize) -> Result<(),
     })
 }
 
-/// Appends the values of `bytes` (whole values) to `out`, value by value.
+/// Appends the values of `bytes` (whole values) to `out`. The compiler turns the f32 loop into
+/// a copy (it shows as `memcpy` in a profile of the coordinator), into memory never zeroed.
 fn decode_append(format: WireFormat, bytes: &[u8], out: &mut Vec<f32>) {
     match format {
         WireFormat::F32 => out.extend(

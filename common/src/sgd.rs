@@ -38,13 +38,12 @@ impl Sgd {
         lr: f32,
         scale: f32,
     ) -> (bool, f64) {
-        const BLOCK: usize = 4096;
         let mut squares = SquareSum::default();
         let mut finite = true;
         let blocks = params
-            .chunks_mut(BLOCK)
-            .zip(self.velocity.chunks_mut(BLOCK))
-            .zip(sum.chunks(BLOCK));
+            .chunks_mut(CACHE_BLOCK)
+            .zip(self.velocity.chunks_mut(CACHE_BLOCK))
+            .zip(sum.chunks(CACHE_BLOCK));
         for ((p, v), g) in blocks {
             finite &= momentum_step(p, v, g, self.momentum, lr, scale);
             squares.add(g);
@@ -71,6 +70,11 @@ fn momentum_step(
     }
     finite
 }
+
+/// Values per block of the passes that sum a block's squares right after another use of it
+/// ([`Sgd::step_and_norm`], `codec::PartsDecoder`): 16 KiB of f32, still in L1 when summed. A
+/// multiple of [`SquareSum::LANES`], so the sums have the same bits as one pass.
+pub const CACHE_BLOCK: usize = 4096;
 
 /// The L2 norm of `values`, accumulated in f64 (NaN or infinite when a value is).
 pub fn l2_norm(values: &[f32]) -> f64 {

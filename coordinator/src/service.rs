@@ -279,10 +279,9 @@ impl Trainer for TrainerService {
             .expected_nodes(worker, task_id, step, Instant::now());
         let expected = expected.map_err(|e| self.refuse(worker, &address, e))?;
         let data = self.shared.step_data().filter(|d| d.step == step);
-        let mut nodes = Vec::with_capacity(expected.len());
-        let (mut loss_sum, mut bytes) = (0.0, 0u64);
-        // The node whose parts are coming in.
-        let mut open: Option<OpenNode> = None;
+        // The nodes as their parts come in, in order; each checked once all have come.
+        let mut open: Vec<OpenNode> = Vec::with_capacity(expected.len());
+        let mut bytes = 0u64;
         let mut part = Some(first);
         while let Some(p) = part {
             if (p.worker_id, p.incarnation, p.task_id, p.step) != header {
@@ -297,32 +296,25 @@ impl Trainer for TrainerService {
                     return Err(self.bad_input(worker, &address, "gradient without its tree node"));
                 };
                 let node = Node::new(range.lo, range.hi);
-                let current = match open.take() {
-                    Some(o) if o.node == node => o,
-                    earlier => {
-                        if let Some(o) = earlier {
-                            let (closed, values, loss) =
-                                self.close(worker, &address, step, &data, o)?;
-                            loss_sum += loss;
-                            nodes.push((closed, values));
-                        }
-                        if expected.get(nodes.len()) != Some(&node) {
-                            let mut got: Vec<Node> = nodes.iter().map(|(n, _)| *n).collect();
-                            got.push(node);
-                            let e = CoreError::WrongNodes {
-                                got,
-                                want: expected.clone(),
-                            };
-                            return Err(self.refuse(worker, &address, e));
-                        }
-                        OpenNode {
-                            node,
-                            values: PartsDecoder::new(self.shared.wire, self.shared.param_count),
-                            loss_sum: 0.0,
-                        }
+                if open.last().is_none_or(|o| o.node != node) {
+                    if expected.get(open.len()) != Some(&node) {
+                        let mut got: Vec<Node> = open.iter().map(|o| o.node).collect();
+                        got.push(node);
+                        let e = CoreError::WrongNodes {
+                            got,
+                            want: expected.clone(),
+                        };
+                        return Err(self.refuse(worker, &address, e));
                     }
+                    open.push(OpenNode {
+                        node,
+                        values: PartsDecoder::new(self.shared.wire, self.shared.param_count),
+                        loss_sum: 0.0,
+                    });
+                }
+                let Some(o) = open.last_mut() else {
+                    unreachable!("a node was just opened or continued")
                 };
-                let o = open.insert(current);
                 if g.offset != o.values.decoded() as u64 {
                     let why = format!(
                         "a part of node {}..{} at value {}, not {}: parts come in order",
@@ -342,10 +334,12 @@ impl Trainer for TrainerService {
             }
             part = parts.message().await?;
         }
-        if let Some(o) = open {
-            let (closed, values, loss) = self.close(worker, &address, step, &data, o)?;
+        let mut nodes = Vec::with_capacity(open.len());
+        let mut loss_sum = 0.0;
+        for o in open {
+            let (node, values, loss) = self.close(worker, &address, step, &data, o)?;
             loss_sum += loss;
-            nodes.push((closed, values));
+            nodes.push((node, values));
         }
         let sub = Submission {
             worker,

@@ -13,8 +13,6 @@ pub use generated::*;
 
 pub mod transport;
 
-use prost::bytes::Bytes;
-
 /// Encoded `FileDescriptorSet` of `dtrain.proto`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dtrain_descriptor");
 
@@ -48,22 +46,18 @@ pub fn largest_task_bytes(params: usize, images: usize, leaves: usize) -> usize 
 /// coordinator decodes each while the next is in flight.
 pub const GRADIENT_PART_BYTES: usize = 1024 * 1024;
 
-/// One node's gradient (`gradient`, in a wire format of `value_bytes` bytes per value) as the
-/// parts of a submission: slices of at most [`GRADIENT_PART_BYTES`] (whole values, sharing
-/// `gradient`'s memory), each with its offset, the loss on the first.
-pub fn gradient_parts(
-    node: NodeRange,
-    gradient: Bytes,
-    loss_sum: f64,
-    value_bytes: usize,
-) -> Vec<NodeGradient> {
+/// A node's whole gradient (`whole`, in a wire format of `value_bytes` bytes per value) as the
+/// parts of a submission: slices of at most [`GRADIENT_PART_BYTES`] (whole values, sharing its
+/// memory), each with its offset, the loss on the first.
+pub fn gradient_parts(whole: NodeGradient, value_bytes: usize) -> Vec<NodeGradient> {
     let part_len = GRADIENT_PART_BYTES / value_bytes * value_bytes;
+    let gradient = &whole.gradient;
     let starts = (0..gradient.len().max(1)).step_by(part_len);
     starts
         .map(|start| NodeGradient {
-            node: Some(node),
+            node: whole.node,
             gradient: gradient.slice(start..(start + part_len).min(gradient.len())),
-            loss_sum: if start == 0 { loss_sum } else { 0.0 },
+            loss_sum: if start == 0 { whole.loss_sum } else { 0.0 },
             offset: (start / value_bytes) as u64,
         })
         .collect()
@@ -88,13 +82,20 @@ pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::bytes::Bytes;
 
     #[test]
     fn a_gradient_is_cut_into_whole_value_parts_that_share_its_memory() {
         let node = NodeRange { lo: 2, hi: 4 };
         // 2.5 parts of f32, then bf16 (2 bytes a value), then an empty vector.
+        let whole = |gradient: Bytes| NodeGradient {
+            node: Some(node),
+            gradient,
+            loss_sum: 3.5,
+            offset: 0,
+        };
         let bytes = Bytes::from(vec![7u8; GRADIENT_PART_BYTES * 5 / 2]);
-        let parts = gradient_parts(node, bytes.clone(), 3.5, 4);
+        let parts = gradient_parts(whole(bytes.clone()), 4);
         let offsets: Vec<u64> = parts.iter().map(|p| p.offset).collect();
         let values = (GRADIENT_PART_BYTES / 4) as u64;
         assert_eq!(offsets, [0, values, 2 * values]);
@@ -106,9 +107,9 @@ mod tests {
             parts[1].gradient.as_ptr(),
             bytes[GRADIENT_PART_BYTES..].as_ptr()
         );
-        let bf16 = gradient_parts(node, Bytes::from(vec![0u8; 6]), 1.0, 2);
+        let bf16 = gradient_parts(whole(Bytes::from(vec![0u8; 6])), 2);
         assert_eq!((bf16.len(), bf16[0].gradient.len()), (1, 6));
-        let empty = gradient_parts(node, Bytes::new(), 1.0, 4);
+        let empty = gradient_parts(whole(Bytes::new()), 4);
         assert_eq!((empty.len(), empty[0].gradient.len()), (1, 0));
     }
 }

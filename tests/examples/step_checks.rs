@@ -1,10 +1,11 @@
 //! What the coordinator's numeric checks cost per step, against a plain copy of the same bytes
 //! measured in the same run: the gradient checks on every submitted node (NaN/Inf and the norm
 //! bound, one pass), the mean gradient's norm (divergence and `--clip-grad-norm`), and the SGD
-//! step with its fused finiteness check, the step and the norm in two passes against fused, and the wire codec (`common::codec`: parameters
-//! encoded once a step, each gradient decoded) against the value-by-value loop it replaced, and
-//! the bf16 wire format's encode and decode, the gradient intake (decode, then the norm check)
-//! in two passes against fused block by block, for the seed convnet's 3,274,634 parameters.
+//! step with its fused finiteness check, the step and the norm in two passes against fused, the
+//! wire codec (`common::codec`: parameters encoded once a step, each gradient decoded; the encode
+//! against the value-by-value loop it replaced), the gradient intake (decode, then the norm
+//! check) in two passes against fused block by block, and the bf16 wire format's encode and
+//! decode, for the seed convnet's 3,274,634 parameters.
 //!
 //!   cargo run -p cluster-tests --example step_checks [-- ROUNDS]          (default 50)
 
@@ -102,17 +103,9 @@ fn main() {
         encode / memcpy,
         encode_loop / memcpy
     );
-    let decode_loop = time(rounds, || {
-        let values: Vec<f32> = black_box(&bytes)
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        black_box(values);
-    });
     println!(
-        "wire decode (a new vector)             {decode:7.3} ms  ({:.2}x the copy; value by value {decode_loop:.3} ms, {:.2}x)",
-        decode / memcpy,
-        decode_loop / memcpy
+        "wire decode (a new vector)             {decode:7.3} ms  ({:.2}x the copy)",
+        decode / memcpy
     );
     use common::codec::{WireFormat, decode as decode_as, encode as encode_as};
     // The coordinator's intake of a submitted gradient: decoded, then checked by its norm.

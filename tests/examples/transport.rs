@@ -16,7 +16,7 @@
 use bytes::Bytes;
 use cluster_tests::*;
 use proto::get_work_response::Reply;
-use proto::{GetWorkRequest, RegisterRequest, SubmitRequest};
+use proto::{GetWorkRequest, NodeGradient, RegisterRequest, SubmitRequest};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
@@ -116,7 +116,13 @@ async fn null_worker(url: String, name: String, steps: u64) -> anyhow::Result<Se
         let parts: Vec<SubmitRequest> = task
             .nodes
             .iter()
-            .flat_map(|n| proto::gradient_parts(*n, zeros.clone(), 0.0, width))
+            .map(|n| NodeGradient {
+                node: Some(*n),
+                gradient: zeros.clone(),
+                loss_sum: 0.0,
+                offset: 0,
+            })
+            .flat_map(|whole| proto::gradient_parts(whole, width))
             .map(|part| SubmitRequest {
                 worker_id: reg.worker_id,
                 incarnation: reg.incarnation,

@@ -456,10 +456,18 @@ async fn hostile_client(name: &str, tls: bool) {
     // A node's gradient in two parts, the second claiming the first's place.
     let mut out_of_order = answer(&reg, &task, &zeros[..n / 2]);
     out_of_order.nodes.insert(1, out_of_order.nodes[0].clone());
+    let refusal = client.submit_gradients(one(out_of_order)).await;
+    // Refused for the order, not for a length it would also get wrong without the offset check.
+    assert!(
+        refusal
+            .as_ref()
+            .is_err_and(|e| e.message().contains("parts come in order")),
+        "{refusal:?}"
+    );
     expect(
         &mut refused,
         "gradient parts out of order",
-        client.submit_gradients(one(out_of_order)).await,
+        refusal,
         Code::InvalidArgument,
     );
     let mut impostor = answer(&reg, &task, &zeros);

@@ -406,6 +406,7 @@ async fn work(
         // checks one part while the next is on the wire, and no message nears the size bound.
         let parts: Vec<SubmitRequest> = nodes
             .into_iter()
+            .flat_map(|n| proto::gradient_parts(n, me.wire.bytes_per_value()))
             .map(|node| SubmitRequest {
                 worker_id: me.id,
                 incarnation: me.incarnation,
@@ -440,8 +441,7 @@ fn ignore_races(s: Status) -> Result<(), Status> {
     }
 }
 
-/// Computes a task's node gradients, each cut into the parts it is sent in
-/// ([`proto::gradient_parts`]); tensors come and go in `wire` format.
+/// Computes a task's node gradients; tensors come and go in `wire` format.
 pub fn compute(
     engine: &Engine,
     task: &Task,
@@ -500,13 +500,11 @@ pub fn compute(
     Ok(nodes
         .iter()
         .zip(sums)
-        .flat_map(|(n, sum)| {
-            proto::gradient_parts(
-                NodeRange { lo: n.lo, hi: n.hi },
-                common::codec::encode_owned(wire, sum.values),
-                sum.loss_sum,
-                wire.bytes_per_value(),
-            )
+        .map(|(n, sum)| NodeGradient {
+            node: Some(NodeRange { lo: n.lo, hi: n.hi }),
+            gradient: common::codec::encode_owned(wire, sum.values),
+            loss_sum: sum.loss_sum,
+            offset: 0,
         })
         .collect())
 }
