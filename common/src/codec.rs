@@ -33,15 +33,20 @@ impl WireFormat {
 
 /// Encodes f32 values in `format`.
 pub fn encode(format: WireFormat, values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * format.bytes_per_value());
+    encode_append(format, values, &mut out);
+    out
+}
+
+/// Appends the encoding of `values` in `format` to `out` (the coordinator encodes the new
+/// parameters block by block inside the SGD step: `TrainState::apply_and_encode`).
+pub fn encode_append(format: WireFormat, values: &[f32], out: &mut Vec<u8>) {
     match format {
-        WireFormat::F32 => encode_f32(values),
-        WireFormat::Bf16 => {
-            let bits: Vec<u16> = values.iter().map(|&v| bf16_bits(v)).collect();
-            if cfg!(target_endian = "little") {
-                return bytemuck::cast_slice(&bits).to_vec();
-            }
-            bits.iter().flat_map(|b| b.to_le_bytes()).collect()
+        WireFormat::F32 if cfg!(target_endian = "little") => {
+            out.extend_from_slice(bytemuck::cast_slice(values))
         }
+        WireFormat::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+        WireFormat::Bf16 => out.extend(values.iter().flat_map(|&v| bf16_bits(v).to_le_bytes())),
     }
 }
 

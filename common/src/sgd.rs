@@ -27,28 +27,71 @@ impl Sgd {
         momentum_step(params, &mut self.velocity, sum, self.momentum, lr, scale)
     }
 
-    /// [`Sgd::step`] and the L2 norm of `sum` (the same bits as [`l2_norm`]) in one pass over
-    /// memory: each block of the gradient is summed right after the step has read it, while it
-    /// is in cache. For a step whose scale does not depend on the norm (no clipping); it saves
-    /// the coordinator a read of the 13 MB gradient every step (`step_checks` measures it).
-    pub fn step_and_norm(
+    /// [`Sgd::step`] block by block ([`CACHE_BLOCK`] values) with the gradient read from
+    /// `gradient` (a vector, or a tree of node sums added block by block), calling
+    /// `each(new_params, gradient)` on every block right after stepping it, while both are in
+    /// cache. A pass that needs the gradient (its norm) or the new parameters (their wire form)
+    /// rides on the step instead of reading 13 MB again: the coordinator's step reads its
+    /// memory once (`TrainState::apply_and_encode`; `step_checks` measures it against
+    /// separate passes).
+    pub fn step_blocks(
         &mut self,
         params: &mut [f32],
-        sum: &[f32],
+        gradient: &(impl Gradient + ?Sized),
         lr: f32,
         scale: f32,
-    ) -> (bool, f64) {
-        let mut squares = SquareSum::default();
+        mut each: impl FnMut(&[f32], &[f32]),
+    ) -> bool {
+        assert_eq!(
+            gradient.len(),
+            params.len(),
+            "one gradient value a parameter"
+        );
         let mut finite = true;
-        let blocks = params
-            .chunks_mut(CACHE_BLOCK)
-            .zip(self.velocity.chunks_mut(CACHE_BLOCK))
-            .zip(sum.chunks(CACHE_BLOCK));
-        for ((p, v), g) in blocks {
-            finite &= momentum_step(p, v, g, self.momentum, lr, scale);
-            squares.add(g);
+        let momentum = self.momentum;
+        gradient.blocks(CACHE_BLOCK, &mut |start, g| {
+            let at = start..start + g.len();
+            let p = &mut params[at.clone()];
+            finite &= momentum_step(p, &mut self.velocity[at], g, momentum, lr, scale);
+            each(p, g);
+        });
+        finite
+    }
+}
+
+/// A gradient read in blocks, in order: a vector, or a [`crate::tree::TreeSum`] that adds its
+/// nodes block by block.
+pub trait Gradient {
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `each(start, values)` for the values from `start`, `block` at a time (the last
+    /// block may be shorter).
+    fn blocks(&self, block: usize, each: &mut dyn FnMut(usize, &[f32]));
+}
+
+impl Gradient for Vec<f32> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn blocks(&self, block: usize, each: &mut dyn FnMut(usize, &[f32])) {
+        self.as_slice().blocks(block, each)
+    }
+}
+
+impl Gradient for [f32] {
+    fn len(&self) -> usize {
+        <[f32]>::len(self)
+    }
+
+    fn blocks(&self, block: usize, each: &mut dyn FnMut(usize, &[f32])) {
+        for (i, values) in self.chunks(block).enumerate() {
+            each(i * block, values);
         }
-        (finite, squares.norm())
     }
 }
 
@@ -71,8 +114,8 @@ fn momentum_step(
     finite
 }
 
-/// Values per block of the passes that sum a block's squares right after another use of it
-/// ([`Sgd::step_and_norm`], `codec::PartsDecoder`): 16 KiB of f32, still in L1 when summed. A
+/// Values per block of the passes that use a block right after another use of it
+/// ([`Sgd::step_blocks`], `codec::PartsDecoder`): 16 KiB of f32, still in L1 when summed. A
 /// multiple of [`SquareSum::LANES`], so the sums have the same bits as one pass.
 pub const CACHE_BLOCK: usize = 4096;
 
@@ -145,16 +188,21 @@ mod tests {
     }
 
     #[test]
-    fn the_fused_step_is_the_step_and_its_norm_is_the_norm() {
+    fn the_step_in_blocks_is_the_step_and_sees_every_block_once() {
         let n = 10_007;
         let g: Vec<f32> = (0..n).map(|i| (i as f32 - 5000.0) * 1e-3).collect();
         let (mut p1, mut a) = (vec![0.5f32; n], Sgd::new(0.9, n));
         let (mut p2, mut b) = (p1.clone(), a.clone());
         for _ in 0..2 {
             assert!(a.step(&mut p1, &g, 0.1, 0.25));
-            let (finite, norm) = b.step_and_norm(&mut p2, &g, 0.1, 0.25);
+            let (mut squares, mut seen) = (SquareSum::default(), Vec::new());
+            let finite = b.step_blocks(&mut p2, &g[..], 0.1, 0.25, |p, g| {
+                squares.add(g);
+                seen.extend_from_slice(p);
+            });
             assert!(finite);
-            assert_eq!(norm.to_bits(), l2_norm(&g).to_bits());
+            assert_eq!(squares.norm().to_bits(), l2_norm(&g).to_bits());
+            assert_eq!(seen, p2);
         }
         assert_eq!((p1, a), (p2, b));
     }

@@ -3,11 +3,12 @@
 //! same SGD, so the cluster must reproduce it bit for bit on one backend.
 
 use crate::Error;
+use crate::codec::WireFormat;
 use crate::engine::{Engine, MicroBatch, Phases};
 use crate::mnist::Split;
 use crate::model::ModelSpec;
 use crate::schedule::Schedule;
-use crate::sgd::Sgd;
+use crate::sgd::{CACHE_BLOCK, Gradient, Sgd, SquareSum, clip_factor};
 use crate::tree::Node;
 use serde::{Deserialize, Serialize};
 
@@ -163,23 +164,61 @@ impl TrainState {
     /// [`Error::Diverged`], and the job stops.
     pub fn apply(
         &mut self,
-        sum: &[f32],
+        sum: &(impl Gradient + ?Sized),
         examples: u32,
         lr: f32,
         clip: Option<f32>,
     ) -> Result<f64, Error> {
+        self.apply_then(sum, examples, lr, clip, |_| {})
+    }
+
+    /// [`TrainState::apply`], and the new parameters encoded in `wire` for the next step's
+    /// tasks, each block right after the step wrote it (while in cache): the coordinator's step
+    /// reads the parameters once instead of once more to encode them.
+    pub fn apply_and_encode(
+        &mut self,
+        sum: &(impl Gradient + ?Sized),
+        examples: u32,
+        lr: f32,
+        clip: Option<f32>,
+        wire: WireFormat,
+    ) -> Result<(f64, Vec<u8>), Error> {
+        let mut encoded = Vec::with_capacity(self.params.len() * wire.bytes_per_value());
+        let norm = self.apply_then(sum, examples, lr, clip, |p| {
+            crate::codec::encode_append(wire, p, &mut encoded)
+        })?;
+        Ok((norm, encoded))
+    }
+
+    /// The step, with `each` called on every block of new parameters as the step writes it.
+    fn apply_then(
+        &mut self,
+        sum: &(impl Gradient + ?Sized),
+        examples: u32,
+        lr: f32,
+        clip: Option<f32>,
+        mut each: impl FnMut(&[f32]),
+    ) -> Result<f64, Error> {
         let mean = 1.0 / examples.max(1) as f32;
+        let (params, sgd) = (&mut self.params, &mut self.sgd);
         let (finite, norm) = match clip {
             // The norm is only reported: taken in the step's own pass.
             None => {
-                let (finite, norm) = self.sgd.step_and_norm(&mut self.params, sum, lr, mean);
-                (finite, norm * f64::from(mean))
+                let mut squares = SquareSum::default();
+                let finite = sgd.step_blocks(params, sum, lr, mean, |p, g| {
+                    squares.add(g);
+                    each(p);
+                });
+                (finite, squares.norm() * f64::from(mean))
             }
             // The norm sets the step's scale: taken first.
             Some(_) => {
-                let norm = crate::sgd::l2_norm(sum) * f64::from(mean);
-                let scale = mean * crate::sgd::clip_factor(norm, clip);
-                let finite = norm.is_finite() && self.sgd.step(&mut self.params, sum, lr, scale);
+                let mut squares = SquareSum::default();
+                sum.blocks(CACHE_BLOCK, &mut |_, g| squares.add(g));
+                let norm = squares.norm() * f64::from(mean);
+                let scale = mean * clip_factor(norm, clip);
+                let finite =
+                    norm.is_finite() && sgd.step_blocks(params, sum, lr, scale, |p, _| each(p));
                 (finite, norm)
             }
         };

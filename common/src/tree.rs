@@ -8,6 +8,7 @@
 //! path from leaves to root has the same operands whichever worker ran it: 1, 2 or 3 workers
 //! give bit-identical sums.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ops::Range;
 
@@ -84,6 +85,66 @@ pub fn combine_by<T>(
     let left = combine_by(l, have, add)?;
     let right = combine_by(r, have, add)?;
     Some(add(left, right))
+}
+
+/// The sum at `root` of the node sums that cover it, left unadded: a pass over the gradient reads
+/// it block by block ([`crate::sgd::Gradient`]), each block's sum added along the tree as
+/// [`combine`] adds it (the same bits) while it is in cache. So the coordinator's step reads
+/// each worker's node once and never writes a 13 MB sum to read it again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TreeSum {
+    root: Node,
+    nodes: BTreeMap<Node, Vec<f32>>,
+    len: usize,
+}
+
+impl TreeSum {
+    /// The sum at `root` of `nodes`; `None` when some leaf under `root` is covered by nothing
+    /// in `nodes` or their lengths differ.
+    pub fn new(root: Node, nodes: BTreeMap<Node, Vec<f32>>) -> Option<Self> {
+        fn covered(node: Node, nodes: &BTreeMap<Node, Vec<f32>>) -> bool {
+            nodes.contains_key(&node)
+                || node
+                    .children()
+                    .is_some_and(|(l, r)| covered(l, nodes) && covered(r, nodes))
+        }
+        let len = nodes.values().next()?.len();
+        (covered(root, &nodes) && nodes.values().all(|v| v.len() == len)).then_some(TreeSum {
+            root,
+            nodes,
+            len,
+        })
+    }
+
+    /// The whole sum, as [`combine`] gives it.
+    pub fn to_vec(&self) -> Vec<f32> {
+        self.at(self.root, 0..self.len).into_owned()
+    }
+
+    /// The sum at `node` of `range` of the values.
+    fn at(&self, node: Node, range: Range<usize>) -> Cow<'_, [f32]> {
+        if let Some(v) = self.nodes.get(&node) {
+            return Cow::Borrowed(&v[range]);
+        }
+        let (l, r) = node.children().expect("covered: checked by TreeSum::new");
+        let (left, right) = (self.at(l, range.clone()), self.at(r, range));
+        Cow::Owned(left.iter().zip(right.iter()).map(|(a, b)| a + b).collect())
+    }
+}
+
+impl crate::sgd::Gradient for TreeSum {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn blocks(&self, block: usize, each: &mut dyn FnMut(usize, &[f32])) {
+        for start in (0..self.len).step_by(block) {
+            each(
+                start,
+                &self.at(self.root, start..(start + block).min(self.len)),
+            );
+        }
+    }
 }
 
 /// Cuts `leaves` into at most `parts` contiguous, near-equal ranges.
@@ -164,6 +225,37 @@ mod tests {
     #[test]
     fn a_missing_leaf_leaves_the_root_incomplete() {
         let mut have = BTreeMap::from([(Node::new(0, 1), vec![1.0])]);
+        assert_eq!(TreeSum::new(Node::root(2), have.clone()), None);
         assert_eq!(combine(Node::root(2), &mut have), None);
+    }
+
+    #[test]
+    fn a_tree_sum_read_in_blocks_has_the_bits_of_the_combined_sum() {
+        use crate::sgd::Gradient;
+        // 3 workers over 7 leaves of 5 values, read in blocks of 2 (the last one short).
+        let leaves = leaf_values(7);
+        let root = Node::root(7);
+        let mut nodes = BTreeMap::new();
+        for range in partition(root.hi, 3) {
+            for node in decompose(root, range) {
+                let mut at_worker: BTreeMap<Node, Vec<f32>> = node
+                    .range()
+                    .map(|i| (Node::new(i, i + 1), leaves[i as usize].clone()))
+                    .collect();
+                nodes.insert(node, combine(node, &mut at_worker).unwrap());
+            }
+        }
+        let tree = TreeSum::new(root, nodes.clone()).unwrap();
+        let combined = combine(root, &mut nodes).unwrap();
+        let mut read = Vec::new();
+        tree.blocks(2, &mut |start, block| {
+            assert_eq!(start, read.len());
+            read.extend_from_slice(block);
+        });
+        assert_eq!(read, combined);
+        assert_eq!(tree.to_vec(), combined);
+        assert_eq!(tree.len(), 5);
+        let uneven = BTreeMap::from([(Node::new(0, 1), vec![1.0]), (Node::new(1, 2), vec![])]);
+        assert_eq!(TreeSum::new(Node::root(2), uneven), None);
     }
 }

@@ -9,7 +9,7 @@
 //! the first answer wins. Because gradients are reduced along the fixed tree of
 //! [`common::tree`], who computed a shard never changes the result.
 
-use common::tree::{Node, combine, decompose, partition};
+use common::tree::{Node, TreeSum, decompose, partition};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -190,8 +190,9 @@ struct Round {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoundResult {
     pub step: u64,
-    /// Sum over the batch of per-example gradients.
-    pub sum: Vec<f32>,
+    /// Sum over the batch of per-example gradients: the workers' node sums, added along the
+    /// tree as the SGD step reads them.
+    pub gradient: TreeSum,
     pub loss_sum: f64,
 }
 
@@ -567,10 +568,10 @@ impl Core {
         let mut round = self.round.take()?;
         round.shard_times.sort();
         self.typical_shard_time = round.shard_times.get(round.shard_times.len() / 2).copied();
-        let sum = combine(Node::root(round.leaves), &mut round.results)?;
+        let gradient = TreeSum::new(Node::root(round.leaves), std::mem::take(&mut round.results))?;
         Some(RoundResult {
             step: round.step,
-            sum,
+            gradient,
             loss_sum: round.loss_sum,
         })
     }
@@ -735,7 +736,7 @@ mod tests {
         assert!(!c.round_complete());
         assert_eq!(c.submit(answer(&b, ids[1]), t0), Ok(Accepted::Used));
         let r = c.take_result().unwrap();
-        assert_eq!(r.sum, vec![4.0]);
+        assert_eq!(r.gradient.to_vec(), vec![4.0]);
     }
 
     #[test]
@@ -761,7 +762,7 @@ mod tests {
         let redo = c.next_task(ids[0], t0 + 4 * SECOND).unwrap().unwrap();
         assert_eq!(redo.leaves, b.leaves);
         c.submit(answer(&redo, ids[0]), t0 + 5 * SECOND).unwrap();
-        assert_eq!(c.take_result().unwrap().sum, vec![4.0]);
+        assert_eq!(c.take_result().unwrap().gradient.to_vec(), vec![4.0]);
         // The lost worker's late answer is refused as stale; no step is applied twice.
         assert!(matches!(
             c.submit(answer(&b, ids[1]), t0 + 6 * SECOND),
@@ -825,7 +826,7 @@ mod tests {
             c.submit(answer(&slow, ids[1]), t0 + 5 * SECOND),
             Ok(Accepted::Late)
         );
-        assert_eq!(c.take_result().unwrap().sum, vec![4.0]);
+        assert_eq!(c.take_result().unwrap().gradient.to_vec(), vec![4.0]);
     }
 
     #[test]
@@ -907,7 +908,7 @@ mod tests {
             Err(CoreError::Duplicate(a.task_id))
         );
         c.submit(answer(&redo, ids[1]), t0).unwrap();
-        assert_eq!(c.take_result().unwrap().sum, vec![4.0]);
+        assert_eq!(c.take_result().unwrap().gradient.to_vec(), vec![4.0]);
         let w = c.workers().find(|w| w.id == ids[0]).unwrap();
         assert_eq!(w.shard_failures, 1);
         assert_eq!(w.last_failure.as_deref(), Some("out of memory"));

@@ -96,6 +96,9 @@ impl Driver {
         let mut pending_save: Option<JoinHandle<()>> = None;
         let mut validating: Option<Validation> = None;
         let mut loss_watch = LossWatch::default();
+        // The parameters in wire form for the next step, encoded by the last step's SGD pass
+        // (the first step after a start or a resume encodes them itself).
+        let mut encoded: Option<Vec<u8>> = None;
         {
             let mut s = self.shared.status();
             s.total_steps = total;
@@ -126,7 +129,10 @@ impl Driver {
             let examples = batch.labels.len() as u32;
             let data = StepData {
                 step,
-                params: common::codec::encode(self.job.wire, &state.params).into(),
+                params: encoded
+                    .take()
+                    .unwrap_or_else(|| common::codec::encode(self.job.wire, &state.params))
+                    .into(),
                 batch,
                 leaves: leaves.clone(),
                 seed: cfg.seed,
@@ -150,8 +156,18 @@ impl Driver {
             let loss = result.loss_sum / f64::from(examples.max(1));
             // A non-finite step fails the job; the state is not used (nor saved) again.
             let lr = cfg.lr_at(step, schedule.steps_per_epoch());
-            let grad_norm = match state.apply(&result.sum, examples, lr, cfg.clip_grad_norm) {
-                Ok(norm) if loss.is_finite() => norm,
+            let applied = state.apply_and_encode(
+                &result.gradient,
+                examples,
+                lr,
+                cfg.clip_grad_norm,
+                self.job.wire,
+            );
+            let grad_norm = match applied {
+                Ok((norm, params)) if loss.is_finite() => {
+                    encoded = Some(params);
+                    norm
+                }
                 Ok(_) => {
                     let why = "the loss is not finite";
                     return self

@@ -12,7 +12,8 @@ use tokio::sync::watch;
 #[derive(Debug)]
 pub struct StepData {
     pub step: u64,
-    /// Current parameters in wire form (little-endian f32), encoded once per step.
+    /// Current parameters in wire form (`--wire-format`), encoded once per step: by the last
+    /// step's SGD pass (`TrainState::apply_and_encode`).
     pub params: Bytes,
     pub batch: Split,
     /// Batch positions of each leaf.

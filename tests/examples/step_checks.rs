@@ -1,11 +1,13 @@
 //! What the coordinator's numeric checks cost per step, against a plain copy of the same bytes
 //! measured in the same run: the gradient checks on every submitted node (NaN/Inf and the norm
 //! bound, one pass), the mean gradient's norm (divergence and `--clip-grad-norm`), and the SGD
-//! step with its fused finiteness check, the step and the norm in two passes against fused, the
-//! wire codec (`common::codec`: parameters encoded once a step, each gradient decoded; the encode
-//! against the value-by-value loop it replaced), the gradient intake (decode, then the norm
-//! check) in two passes against fused block by block, and the bf16 wire format's encode and
-//! decode, for the seed convnet's 3,274,634 parameters.
+//! step with its fused finiteness check; the step with the norm, the step with the encode of the
+//! new parameters, and two workers' nodes summed before the step, each in two passes against
+//! fused; the wire codec (`common::codec`:
+//! parameters encoded once a step, each gradient decoded; the encode against the value-by-value
+//! loop it replaced), the gradient intake (decode, then the norm check) in two passes against
+//! fused block by block, and the bf16 wire format's encode and decode, for the seed convnet's
+//! 3,274,634 parameters.
 //!
 //!   cargo run -p cluster-tests --example step_checks [-- ROUNDS]          (default 50)
 
@@ -76,13 +78,74 @@ fn main() {
         black_box(sgd.step(&mut params, black_box(&grad), 0.05, 1e-6));
     });
     let fused_sgd = time(rounds, || {
-        black_box(sgd.step_and_norm(&mut params, black_box(&grad), 0.05, 1e-6));
+        let mut squares = common::sgd::SquareSum::default();
+        let g = black_box(&grad);
+        black_box(sgd.step_blocks(&mut params, g, 0.05, 1e-6, |_, g| squares.add(g)));
+        black_box(squares.norm());
     });
     println!(
         "norm + SGD step, two passes            {two_passes_sgd:7.3} ms  ({:.2}x the copy; fused block by block {fused_sgd:.3} ms, {:.2}x, {:.2}x two passes)",
         two_passes_sgd / memcpy,
         fused_sgd / memcpy,
         fused_sgd / two_passes_sgd
+    );
+    // The coordinator's step as it ends: the step, then the new parameters' wire form for the
+    // next step's tasks, in two passes against encoded block by block inside the step.
+    let step_then_encode = time(rounds, || {
+        black_box(sgd.step(&mut params, black_box(&grad), 0.05, 1e-6));
+        black_box(common::codec::encode_f32(&params));
+    });
+    let step_encoding = time(rounds, || {
+        let mut out = Vec::with_capacity(n * 4);
+        let g = black_box(&grad);
+        black_box(sgd.step_blocks(&mut params, g, 0.05, 1e-6, |p, _| {
+            common::codec::encode_append(common::codec::WireFormat::F32, p, &mut out)
+        }));
+        black_box(out);
+    });
+    println!(
+        "SGD step + wire encode, two passes     {step_then_encode:7.3} ms  ({:.2}x the copy; fused block by block {step_encoding:.3} ms, {:.2}x, {:.2}x two passes)",
+        step_then_encode / memcpy,
+        step_encoding / memcpy,
+        step_encoding / step_then_encode
+    );
+    // With two workers the step's gradient is the sum of two nodes: added into a 13 MB vector,
+    // then read by the step, against added block by block as the step reads them.
+    let (left, right) = (
+        grad.clone(),
+        grad.iter().map(|g| g * 0.5).collect::<Vec<f32>>(),
+    );
+    let mut sum = vec![0.0f32; n];
+    let add_then_step = time(rounds, || {
+        for ((s, a), b) in sum.iter_mut().zip(black_box(&left)).zip(black_box(&right)) {
+            *s = a + b;
+        }
+        let mut out = Vec::with_capacity(n * 4);
+        black_box(sgd.step_blocks(&mut params, &sum, 0.05, 1e-6, |p, _| {
+            common::codec::encode_append(common::codec::WireFormat::F32, p, &mut out)
+        }));
+        black_box(out);
+    });
+    let root = common::tree::Node::root(2);
+    let nodes = [
+        (common::tree::Node::new(0, 1), left),
+        (common::tree::Node::new(1, 2), right),
+    ];
+    let tree = common::tree::TreeSum::new(root, nodes.into()).expect("covers the root");
+    let tree_step = time(rounds, || {
+        let mut out = Vec::with_capacity(n * 4);
+        black_box(
+            sgd.step_blocks(&mut params, black_box(&tree), 0.05, 1e-6, |p, _| {
+                common::codec::encode_append(common::codec::WireFormat::F32, p, &mut out)
+            }),
+        );
+        black_box(out);
+    });
+    println!(
+        "2 nodes summed, SGD step + encode      {add_then_step:7.3} ms  ({:.2}x the copy; summed block by block in the step {tree_step:.3} ms, {:.2}x, {:.2}x summed first)",
+        add_then_step / memcpy,
+        tree_step / memcpy,
+        tree_step / add_then_step
     );
     let bytes = common::codec::encode_f32(&grad);
     let encode = time(rounds, || {

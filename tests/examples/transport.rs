@@ -12,6 +12,11 @@
 //!
 //!   cargo run -p cluster-tests --example transport [-- STEPS [FLAGS]]  (default 60; 1, 2, 4 workers)
 //!   e.g. `-- 30 --wire-format bf16`: FLAGS go to the coordinator.
+//!
+//! A change to the coordinator is measured against the binary before it in the same run:
+//! `TRANSPORT_BASELINE=/path/to/old/coordinator` alternates runs of the two (`TRANSPORT_RUNS`
+//! pairs per worker count, default 3) and prints each one's ms per step and the ratio of the
+//! means. The null workers are this build's, so both binaries must speak its protocol.
 
 use bytes::Bytes;
 use cluster_tests::*;
@@ -150,7 +155,12 @@ async fn null_worker(url: String, name: String, steps: u64) -> anyhow::Result<Se
 }
 
 /// Seconds per step and what each worker saw, for `workers` null workers.
-async fn run(workers: usize, steps: u64, extra: &[String]) -> anyhow::Result<(f64, Vec<Seen>)> {
+async fn run(
+    coordinator: &str,
+    workers: usize,
+    steps: u64,
+    extra: &[String],
+) -> anyhow::Result<(f64, Vec<Seen>)> {
     let dir = scratch(&format!("transport-{workers}"));
     let ck = dir.join("ck");
     let total = WARMUP + steps;
@@ -177,7 +187,8 @@ async fn run(workers: usize, steps: u64, extra: &[String]) -> anyhow::Result<(f6
     .map(|a| a.to_string())
     .collect();
     args.extend(extra.iter().cloned());
-    let (mut c, url) = start_coordinator(&dir, "coordinator", &args)?;
+    let mut c = Proc::start(coordinator, "coordinator", &dir, &coordinator_args(&args))?;
+    let url = c.grpc_url()?;
     let tasks: Vec<_> = (0..workers)
         .map(|i| tokio::spawn(null_worker(url.clone(), format!("null{i}"), steps)))
         .collect();
@@ -261,6 +272,38 @@ fn memcpy_gbps(bytes: usize) -> f64 {
     bytes as f64 / best / 1e9
 }
 
+/// Alternating runs of this build's coordinator and the `baseline` binary: ms per step of each
+/// run, and the ratio of the means (this build over the baseline).
+async fn against_baseline(
+    baseline: &str,
+    runs: usize,
+    steps: u64,
+    extra: &[String],
+) -> anyhow::Result<()> {
+    println!("this build's coordinator against {baseline}, {runs} alternating runs each");
+    for workers in [1, 2, 4] {
+        let (mut before, mut after) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            before.push(run(baseline, workers, steps, extra).await?.0 * 1e3);
+            after.push(run("coordinator", workers, steps, extra).await?.0 * 1e3);
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let shown = |v: &[f64]| {
+            let runs: Vec<String> = v.iter().map(|ms| format!("{ms:.1}")).collect();
+            runs.join(", ")
+        };
+        println!(
+            "{workers} worker(s): baseline {:.2} ms/step ({}), this build {:.2} ms/step ({}): {:.3}x",
+            mean(&before),
+            shown(&before),
+            mean(&after),
+            shown(&after),
+            mean(&after) / mean(&before)
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     // The null workers allocate as real ones do (the coordinator binary does this itself).
     common::process::keep_large_buffers();
@@ -278,8 +321,12 @@ fn main() -> anyhow::Result<()> {
         "memcpy of {:.1} MB: {copy:.2} GB/s; the same bytes over a bare loopback TCP socket: {tcp:.2} GB/s",
         params as f64 / 1e6
     );
+    if let Ok(baseline) = std::env::var("TRANSPORT_BASELINE") {
+        let runs: usize = std::env::var("TRANSPORT_RUNS").map_or(Ok(3), |s| s.parse())?;
+        return rt.block_on(against_baseline(&baseline, runs, steps, &extra));
+    }
     for workers in [1, 2, 4] {
-        let (step, seen) = rt.block_on(run(workers, steps, &extra))?;
+        let (step, seen) = rt.block_on(run("coordinator", workers, steps, &extra))?;
         let sum = |f: fn(&Seen) -> f64| seen.iter().map(f).sum::<f64>();
         let down = sum(|s| s.down_bytes) / sum(|s| s.down_secs) / 1e9;
         let asked = sum(|s| s.down_bytes) / sum(|s| s.asked_secs) / 1e9;
