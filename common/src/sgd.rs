@@ -59,9 +59,11 @@ impl Sgd {
     }
 }
 
-/// A gradient read in blocks, in order: a vector, or a [`crate::tree::TreeSum`] that adds its
-/// nodes block by block.
+/// A gradient read in blocks: a vector, or a [`crate::tree::TreeSum`] that adds its nodes block
+/// by block. [`Gradient::blocks`] must give contiguous blocks in order, covering `0..len()`
+/// exactly ([`Sgd::step_blocks`] steps the parameters at those positions).
 pub trait Gradient {
+    /// The number of values.
     fn len(&self) -> usize;
 
     fn is_empty(&self) -> bool {

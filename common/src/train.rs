@@ -333,6 +333,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_step_with_its_encode_on_a_tree_of_nodes_is_the_step_on_the_sum_then_the_encode() {
+        use crate::codec::encode;
+        use crate::tree::{Node, TreeSum, combine};
+        use std::collections::BTreeMap;
+        // Three blocks and a short one; values whose sums depend on the order of addition.
+        let n = 3 * CACHE_BLOCK + 5;
+        let values = |k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7 + k * 13) % 101) as f32 * 1e-2 - 0.5)
+                .map(|x| x * 10f32.powi(k as i32 % 3))
+                .collect()
+        };
+        // The nodes of 3 workers over 4 leaves.
+        let nodes = BTreeMap::from([
+            (Node::new(0, 1), values(0)),
+            (Node::new(1, 2), values(1)),
+            (Node::new(2, 4), values(2)),
+        ]);
+        let root = Node::root(4);
+        let tree = TreeSum::new(root, nodes.clone()).expect("covers the root");
+        let sum = combine(root, &mut nodes.clone()).expect("covers the root");
+        for clip in [None, Some(0.01)] {
+            for wire in [WireFormat::F32, WireFormat::Bf16] {
+                let start = TrainState {
+                    step: 0,
+                    params: values(3),
+                    sgd: Sgd::new(0.9, n),
+                };
+                let (mut apart, mut fused) = (start.clone(), start);
+                for _ in 0..2 {
+                    let norm = apart.apply(&sum, 128, 0.1, clip).unwrap();
+                    let bytes = encode(wire, &apart.params);
+                    let (fused_norm, fused_bytes) =
+                        fused.apply_and_encode(&tree, 128, 0.1, clip, wire).unwrap();
+                    assert_eq!(norm.to_bits(), fused_norm.to_bits(), "{clip:?} {wire:?}");
+                    assert_eq!(bytes, fused_bytes, "{clip:?} {wire:?}");
+                }
+                assert_eq!(apart, fused, "{clip:?} {wire:?}");
+            }
+        }
+    }
+
+    #[test]
     fn jobs_that_can_resume_each_other_share_a_name_and_others_do_not() {
         let base = TrainConfig::DEFAULT;
         let name = base.job_name();

@@ -4,7 +4,8 @@
 //! one fixed binary tree over the leaves (a node `[lo, hi)` is the sum of `[lo, mid)` and
 //! `[mid, hi)`, `mid = (lo + hi) / 2`). A worker given a contiguous range of leaves returns the
 //! sums of the canonical nodes that tile its range ([`decompose`]); the coordinator completes
-//! the tree from those ([`combine`]). Float addition is commutative, so every addition on the
+//! the tree from those with the additions of [`combine`], block by block as its SGD step reads
+//! the gradient ([`TreeSum`]). Float addition is commutative, so every addition on the
 //! path from leaves to root has the same operands whichever worker ran it: 1, 2 or 3 workers
 //! give bit-identical sums.
 
@@ -128,7 +129,19 @@ impl TreeSum {
         }
         let (l, r) = node.children().expect("covered: checked by TreeSum::new");
         let (left, right) = (self.at(l, range.clone()), self.at(r, range));
-        Cow::Owned(left.iter().zip(right.iter()).map(|(a, b)| a + b).collect())
+        match left {
+            // A sum made below: added into in place, as `combine` does.
+            Cow::Owned(mut sum) => {
+                for (a, b) in sum.iter_mut().zip(right.iter()) {
+                    *a += b;
+                }
+                Cow::Owned(sum)
+            }
+            // A worker's node: the sum written once, not copied and then added to.
+            Cow::Borrowed(node) => {
+                Cow::Owned(node.iter().zip(right.iter()).map(|(a, b)| a + b).collect())
+            }
+        }
     }
 }
 

@@ -163,6 +163,8 @@ impl Driver {
                 cfg.clip_grad_norm,
                 self.job.wire,
             );
+            // The workers' node sums (13 MB each) are not needed past the step.
+            drop(result);
             let grad_norm = match applied {
                 Ok((norm, params)) if loss.is_finite() => {
                     encoded = Some(params);
@@ -251,6 +253,8 @@ impl Driver {
             }
         }
 
+        // The last step's encoded parameters have no next step.
+        drop(encoded);
         if let Some(v) = validating.take() {
             self.report_validation(v).await?;
         }

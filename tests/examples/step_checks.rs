@@ -3,11 +3,10 @@
 //! bound, one pass), the mean gradient's norm (divergence and `--clip-grad-norm`), and the SGD
 //! step with its fused finiteness check; the step with the norm, the step with the encode of the
 //! new parameters, and two workers' nodes summed before the step, each in two passes against
-//! fused; the wire codec (`common::codec`:
-//! parameters encoded once a step, each gradient decoded; the encode against the value-by-value
-//! loop it replaced), the gradient intake (decode, then the norm check) in two passes against
-//! fused block by block, and the bf16 wire format's encode and decode, for the seed convnet's
-//! 3,274,634 parameters.
+//! fused; the wire codec (`common::codec`: parameters encoded once a step, each gradient
+//! decoded; the encode against the value-by-value loop it replaced), the gradient intake
+//! (decode, then the norm check) in two passes against fused block by block, and the bf16 wire
+//! format's encode and decode, for the seed convnet's 3,274,634 parameters.
 //!
 //!   cargo run -p cluster-tests --example step_checks [-- ROUNDS]          (default 50)
 

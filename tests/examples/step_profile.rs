@@ -1,7 +1,8 @@
 //! Where one training step's time goes, phase by phase, with the real parts in one process:
-//! the coordinator's parameter encode, the worker's decode, the engine's upload, forward,
-//! backward, on-device reduction and download (`Engine::node_gradients`), the worker's gradient
-//! encode, the coordinator's decode, and SGD. The wire itself is the transport benchmark's
+//! the worker's parameter decode, the engine's upload, forward, backward, on-device reduction
+//! and download (`Engine::node_gradients`), the worker's gradient encode, the coordinator's
+//! decode, and its SGD step, which also encodes the next step's parameters
+//! (`TrainState::apply_and_encode`). The wire itself is the transport benchmark's
 //! (`--example transport`). Printed in ms per step and as a share of the step.
 //!
 //!   cargo run -p cluster-tests --example step_profile [-- STEPS]      (default 20, flex)
@@ -64,6 +65,8 @@ fn main() -> anyhow::Result<()> {
             Duration::ZERO,
             Duration::ZERO,
         );
+        // The parameters in wire form, from the last step's SGD pass (the first step encodes).
+        let mut encoded: Option<Vec<u8>> = None;
         for step in 0..WARMUP + steps {
             if step == WARMUP {
                 (phases, encode, decode, sgd) = Default::default();
@@ -72,7 +75,10 @@ fn main() -> anyhow::Result<()> {
             let shard = micro_batches(&batch, &schedule, state.step, 0..leaves);
             // Coordinator: the parameters onto the wire; worker: off it.
             let n = engine.param_count();
-            let wire = timed(&mut encode, || common::codec::encode_f32(&state.params));
+            let wire = match encoded.take() {
+                Some(wire) => wire,
+                None => timed(&mut encode, || common::codec::encode_f32(&state.params)),
+            };
             let params = timed(&mut decode, || common::codec::decode_f32(&wire, n))?;
             let root = engine
                 .node_gradients(params, 0, &shard, &[Node::root(leaves)], &mut phases)?
@@ -81,7 +87,11 @@ fn main() -> anyhow::Result<()> {
             let wire = timed(&mut encode, || common::codec::encode_f32(&root.values));
             let sum = timed(&mut decode, || common::codec::decode_f32(&wire, n))?;
             let lr = cfg.lr_at(state.step, schedule.steps_per_epoch());
-            timed(&mut sgd, || state.apply(&sum, root.examples, lr, None))?;
+            let f32 = common::codec::WireFormat::F32;
+            let (_, next) = timed(&mut sgd, || {
+                state.apply_and_encode(&sum, root.examples, lr, None, f32)
+            })?;
+            encoded = Some(next);
         }
         let total = phases.total() + encode + decode + sgd;
         let ms = |d: Duration| d.as_secs_f64() * 1e3 / steps as f64;
@@ -97,9 +107,9 @@ fn main() -> anyhow::Result<()> {
         row("backward (and flatten on the device)", phases.backward);
         row("reduce along the tree (on the device)", phases.reduce);
         row("gradient download (one per node)", phases.download);
-        row("encode (parameters + gradient)", encode);
+        row("encode (gradient; parameters in the SGD step)", encode);
         row("decode (parameters + gradient)", decode);
-        row("SGD with its checks", sgd);
+        row("SGD, its checks, the parameter encode", sgd);
         println!(
             "[{name} {device}] step {:.2} ms: {:.1} images/s without the wire",
             ms(total),

@@ -15,8 +15,9 @@
 //!
 //! A change to the coordinator is measured against the binary before it in the same run:
 //! `TRANSPORT_BASELINE=/path/to/old/coordinator` alternates runs of the two (`TRANSPORT_RUNS`
-//! pairs per worker count, default 3) and prints each one's ms per step and the ratio of the
-//! means. The null workers are this build's, so both binaries must speak its protocol.
+//! pairs per worker count, default 3, each pair in the other order than the last) and prints
+//! each run's ms per step and the ratio of the means. The null workers are this build's, so
+//! both binaries must speak its protocol.
 
 use bytes::Bytes;
 use cluster_tests::*;
@@ -283,9 +284,16 @@ async fn against_baseline(
     println!("this build's coordinator against {baseline}, {runs} alternating runs each");
     for workers in [1, 2, 4] {
         let (mut before, mut after) = (Vec::new(), Vec::new());
-        for _ in 0..runs {
-            before.push(run(baseline, workers, steps, extra).await?.0 * 1e3);
-            after.push(run("coordinator", workers, steps, extra).await?.0 * 1e3);
+        // Each pair in the other order than the last, so neither binary always runs first.
+        for i in 0..runs {
+            for first in [i % 2 == 0, i % 2 == 1] {
+                let (bin, times) = if first {
+                    (baseline, &mut before)
+                } else {
+                    ("coordinator", &mut after)
+                };
+                times.push(run(bin, workers, steps, extra).await?.0 * 1e3);
+            }
         }
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
         let shown = |v: &[f64]| {
@@ -322,7 +330,13 @@ fn main() -> anyhow::Result<()> {
         params as f64 / 1e6
     );
     if let Ok(baseline) = std::env::var("TRANSPORT_BASELINE") {
-        let runs: usize = std::env::var("TRANSPORT_RUNS").map_or(Ok(3), |s| s.parse())?;
+        let runs: usize =
+            match std::env::var("TRANSPORT_RUNS") {
+                Ok(s) => s.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                    anyhow::anyhow!("TRANSPORT_RUNS={s}: want a whole number >= 1")
+                })?,
+                Err(_) => 3,
+            };
         return rt.block_on(against_baseline(&baseline, runs, steps, &extra));
     }
     for workers in [1, 2, 4] {
