@@ -194,10 +194,7 @@ impl AsRef<[u8]> for LeF32 {
 
 /// Encodes f32 values as little-endian bytes, the wire form of every tensor.
 pub fn encode_f32(values: &[f32]) -> Vec<u8> {
-    if cfg!(target_endian = "little") {
-        return bytemuck::cast_slice(values).to_vec();
-    }
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    encode(WireFormat::F32, values)
 }
 
 /// Decodes little-endian f32 bytes, refusing a length that is not `expected` values.

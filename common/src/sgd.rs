@@ -75,16 +75,6 @@ pub trait Gradient {
     fn blocks(&self, block: usize, each: &mut dyn FnMut(usize, &[f32]));
 }
 
-impl Gradient for Vec<f32> {
-    fn len(&self) -> usize {
-        self.as_slice().len()
-    }
-
-    fn blocks(&self, block: usize, each: &mut dyn FnMut(usize, &[f32])) {
-        self.as_slice().blocks(block, each)
-    }
-}
-
 impl Gradient for [f32] {
     fn len(&self) -> usize {
         <[f32]>::len(self)

@@ -213,6 +213,8 @@ impl TrainState {
             }
             // The norm sets the step's scale: taken first.
             Some(_) => {
+                // A pass of its own (a tree's sums are added again by the step): clipping is
+                // off by default.
                 let mut squares = SquareSum::default();
                 sum.blocks(CACHE_BLOCK, &mut |_, g| squares.add(g));
                 let norm = squares.norm() * f64::from(mean);
@@ -308,7 +310,12 @@ pub fn local_step(
         .pop()
         .ok_or_else(|| Error::BadBatch("reduction tree incomplete".into()))?;
     let lr = cfg.lr_at(state.step, schedule.steps_per_epoch());
-    state.apply(&root.values, root.examples, lr, cfg.clip_grad_norm)?;
+    state.apply(
+        root.values.as_slice(),
+        root.examples,
+        lr,
+        cfg.clip_grad_norm,
+    )?;
     debug_assert!(cfg.batch_size as u32 == root.examples);
     Ok(root.loss_sum / f64::from(root.examples.max(1)))
 }
@@ -363,7 +370,7 @@ mod tests {
                 };
                 let (mut apart, mut fused) = (start.clone(), start);
                 for _ in 0..2 {
-                    let norm = apart.apply(&sum, 128, 0.1, clip).unwrap();
+                    let norm = apart.apply(sum.as_slice(), 128, 0.1, clip).unwrap();
                     let bytes = encode(wire, &apart.params);
                     let (fused_norm, fused_bytes) =
                         fused.apply_and_encode(&tree, 128, 0.1, clip, wire).unwrap();

@@ -209,19 +209,25 @@ mod tests {
             .collect()
     }
 
-    fn sum_with(workers: u32, leaves: &[Vec<f32>]) -> Vec<f32> {
+    /// The node sums `workers` workers send for `leaves`, as the coordinator holds them.
+    fn at_coordinator(workers: u32, leaves: &[Vec<f32>]) -> BTreeMap<Node, Vec<f32>> {
         let root = Node::root(leaves.len() as u32);
-        let mut at_coordinator = BTreeMap::new();
+        let mut nodes = BTreeMap::new();
         for range in partition(root.hi, workers) {
             for node in decompose(root, range) {
                 let mut at_worker: BTreeMap<Node, Vec<f32>> = node
                     .range()
                     .map(|i| (Node::new(i, i + 1), leaves[i as usize].clone()))
                     .collect();
-                at_coordinator.insert(node, combine(node, &mut at_worker).unwrap());
+                nodes.insert(node, combine(node, &mut at_worker).unwrap());
             }
         }
-        combine(root, &mut at_coordinator).unwrap()
+        nodes
+    }
+
+    fn sum_with(workers: u32, leaves: &[Vec<f32>]) -> Vec<f32> {
+        let root = Node::root(leaves.len() as u32);
+        combine(root, &mut at_coordinator(workers, leaves)).unwrap()
     }
 
     #[test]
@@ -246,18 +252,8 @@ mod tests {
     fn a_tree_sum_read_in_blocks_has_the_bits_of_the_combined_sum() {
         use crate::sgd::Gradient;
         // 3 workers over 7 leaves of 5 values, read in blocks of 2 (the last one short).
-        let leaves = leaf_values(7);
         let root = Node::root(7);
-        let mut nodes = BTreeMap::new();
-        for range in partition(root.hi, 3) {
-            for node in decompose(root, range) {
-                let mut at_worker: BTreeMap<Node, Vec<f32>> = node
-                    .range()
-                    .map(|i| (Node::new(i, i + 1), leaves[i as usize].clone()))
-                    .collect();
-                nodes.insert(node, combine(node, &mut at_worker).unwrap());
-            }
-        }
+        let mut nodes = at_coordinator(3, &leaf_values(7));
         let tree = TreeSum::new(root, nodes.clone()).unwrap();
         let combined = combine(root, &mut nodes).unwrap();
         let mut read = Vec::new();

@@ -78,7 +78,7 @@ fn main() {
     });
     let fused_sgd = time(rounds, || {
         let mut squares = common::sgd::SquareSum::default();
-        let g = black_box(&grad);
+        let g = black_box(grad.as_slice());
         black_box(sgd.step_blocks(&mut params, g, 0.05, 1e-6, |_, g| squares.add(g)));
         black_box(squares.norm());
     });
@@ -96,7 +96,7 @@ fn main() {
     });
     let step_encoding = time(rounds, || {
         let mut out = Vec::with_capacity(n * 4);
-        let g = black_box(&grad);
+        let g = black_box(grad.as_slice());
         black_box(sgd.step_blocks(&mut params, g, 0.05, 1e-6, |p, _| {
             common::codec::encode_append(common::codec::WireFormat::F32, p, &mut out)
         }));
@@ -120,9 +120,11 @@ fn main() {
             *s = a + b;
         }
         let mut out = Vec::with_capacity(n * 4);
-        black_box(sgd.step_blocks(&mut params, &sum, 0.05, 1e-6, |p, _| {
-            common::codec::encode_append(common::codec::WireFormat::F32, p, &mut out)
-        }));
+        black_box(
+            sgd.step_blocks(&mut params, sum.as_slice(), 0.05, 1e-6, |p, _| {
+                common::codec::encode_append(common::codec::WireFormat::F32, p, &mut out)
+            }),
+        );
         black_box(out);
     });
     let root = common::tree::Node::root(2);

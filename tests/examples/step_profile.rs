@@ -89,7 +89,7 @@ fn main() -> anyhow::Result<()> {
             let lr = cfg.lr_at(state.step, schedule.steps_per_epoch());
             let f32 = common::codec::WireFormat::F32;
             let (_, next) = timed(&mut sgd, || {
-                state.apply_and_encode(&sum, root.examples, lr, None, f32)
+                state.apply_and_encode(sum.as_slice(), root.examples, lr, None, f32)
             })?;
             encoded = Some(next);
         }
