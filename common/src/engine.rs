@@ -125,19 +125,21 @@ pub struct Gradient {
 }
 
 /// Where a gradient computation spent its time (wall clock, added up over calls). On a GPU the
-/// host waits for the device when it reads the loss (in `forward`) and the sums (in
-/// `download`); kernels still running at the end of `backward` count in `download`.
+/// host waits for the device only when it reads the losses and the sums back (in `download`),
+/// so there `forward` and `backward` count the time to queue their kernels and `download`
+/// the kernels still running.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Phases {
-    /// The parameters: host copy, transfer, cut into leaves.
+    /// The parameters (host copy, transfer, cut into leaves); the task's images, labels and
+    /// dropout masks.
     pub upload: Duration,
-    /// Images, labels and dropout mask to the device, forward pass, loss read back.
+    /// Forward pass and loss, micro-batch by micro-batch.
     pub forward: Duration,
     /// Backward pass and each micro-batch's gradient flattened on the device.
     pub backward: Duration,
     /// Micro-batch gradients summed along the tree on the device.
     pub reduce: Duration,
-    /// Each node's sum to the host.
+    /// The losses and each node's sum to the host.
     pub download: Duration,
 }
 
@@ -234,22 +236,43 @@ impl Engine {
             .collect();
         phases.upload += clock.elapsed();
 
+        // The task's inputs go to the device in one piece each (images, one-hot labels,
+        // dropout masks of all its leaves), and each leaf reads its rows. On a GPU a copy from
+        // pageable host memory waits for the device; done per leaf, each would stall the queue
+        // of kernels the previous leaf left running. The values are the same either way.
+        let clock = Instant::now();
+        if batches.is_empty() {
+            return Err(Error::BadBatch("a task without micro-batches".into()));
+        }
+        let rows = batches
+            .iter()
+            .map(|b| check_batch(b.images, b.labels))
+            .collect::<Result<Vec<usize>, Error>>()?;
+        let images = images_tensor(batches.iter().map(|b| b.images), &device);
+        let onehot = onehot_tensor(batches.iter().map(|b| b.labels), &device);
+        let masks = (self.keep_prob < 1.0).then(|| {
+            let seeds = batches.iter().zip(&rows).map(|(b, &n)| (n, b.dropout_seed));
+            self.dropout_masks(seeds, &device)
+        });
+        phases.upload += clock.elapsed();
+
         let mut sums: BTreeMap<Node, Tensor<1>> = BTreeMap::new();
+        // Each leaf's loss stays on the device until all leaves are queued: read one by one,
+        // each read would wait for its leaf's forward pass.
         let mut losses = Vec::with_capacity(batches.len());
-        for (i, b) in batches.iter().enumerate() {
+        let mut at = 0;
+        for (i, &n) in rows.iter().enumerate() {
             let clock = Instant::now();
-            let n = check_batch(b.images, b.labels)?;
-            let mask =
-                (self.keep_prob < 1.0).then(|| self.dropout_mask(n, b.dropout_seed, &device));
-            let logits = self.forward(&leaves, images_tensor(b.images, &device), mask);
-            let onehot = onehot_tensor(b.labels, &device);
+            let mask = masks.as_ref().map(|m| m.clone().narrow(0, at, n));
+            let logits = self.forward(&leaves, images.clone().narrow(0, at, n), mask);
+            let onehot = onehot.clone().narrow(0, at, n);
             let loss = (log_softmax(logits, 1) * onehot).sum().neg();
-            // Reading the loss waits for the forward pass (on a GPU too).
-            losses.push((f64::from(scalar(&loss)?), n as u32));
+            at += n;
             phases.forward += clock.elapsed();
 
             let clock = Instant::now();
             let grads = loss.backward();
+            losses.push(loss.detach());
             // A parameter the loss does not reach has a zero gradient.
             let flat: Vec<Tensor<1>> = leaves
                 .iter()
@@ -262,6 +285,12 @@ impl Engine {
             sums.insert(Node::new(leaf, leaf + 1), Tensor::cat(flat, 0));
             phases.backward += clock.elapsed();
         }
+        let clock = Instant::now();
+        let losses: Vec<f64> = to_vec(Tensor::cat(losses, 0))?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        phases.download += clock.elapsed();
 
         let mut out = Vec::with_capacity(nodes.len());
         for &node in nodes {
@@ -278,11 +307,11 @@ impl Engine {
             let clock = Instant::now();
             let values = to_vec(sum)?;
             phases.download += clock.elapsed();
-            let under = &losses[(node.lo - first) as usize..(node.hi - first) as usize];
+            let under = (node.lo - first) as usize..(node.hi - first) as usize;
             out.push(Gradient {
                 values,
-                loss_sum: under.iter().map(|(l, _)| l).sum(),
-                examples: under.iter().map(|(_, n)| n).sum(),
+                loss_sum: losses[under.clone()].iter().sum(),
+                examples: rows[under].iter().sum::<usize>() as u32,
             });
         }
         Ok(out)
@@ -294,7 +323,7 @@ impl Engine {
         let leaves = self.upload(params.to_vec(), &self.device)?;
         let mut out = Vec::with_capacity(images.len() / PIXELS);
         for chunk in images.chunks(CHUNK * PIXELS) {
-            let logits = self.forward(&leaves, images_tensor(chunk, &self.device), None);
+            let logits = self.forward(&leaves, images_tensor([chunk], &self.device), None);
             let classes = logits.argmax(1).into_data();
             let classes = classes
                 .convert::<i64>()
@@ -342,19 +371,27 @@ impl Engine {
             .collect())
     }
 
-    fn dropout_mask(&self, rows: usize, seed: u64, device: &Device) -> Tensor<2> {
+    /// The dropout masks of micro-batches of `(rows, seed)`, one after the other, each drawn
+    /// from its own seed (so a micro-batch's mask is the same whatever comes before it).
+    fn dropout_masks(
+        &self,
+        batches: impl IntoIterator<Item = (usize, u64)>,
+        device: &Device,
+    ) -> Tensor<2> {
         let hidden = hidden_width(self.spec);
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let keep = self.keep_prob;
-        let mask: Vec<f32> = (0..rows * hidden)
-            .map(|_| {
+        let mut mask = Vec::new();
+        for (rows, seed) in batches {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            mask.extend((0..rows * hidden).map(|_| {
                 if rng.random::<f32>() < keep {
                     1.0 / keep
                 } else {
                     0.0
                 }
-            })
-            .collect();
+            }));
+        }
+        let rows = mask.len() / hidden;
         Tensor::from_data(TensorData::new(mask, [rows, hidden]), device)
     }
 
@@ -533,34 +570,33 @@ fn check_batch(images: &[u8], labels: &[u8]) -> Result<usize, Error> {
     Ok(n)
 }
 
-fn images_tensor(images: &[u8], device: &Device) -> Tensor<4> {
-    let n = images.len() / PIXELS;
+/// Images (`PIXELS` bytes each, from one or more slices one after the other), normalised.
+fn images_tensor<'a>(images: impl IntoIterator<Item = &'a [u8]>, device: &Device) -> Tensor<4> {
     let x: Vec<f32> = images
-        .iter()
+        .into_iter()
+        .flatten()
         .map(|&p| (f32::from(p) * INPUT_SCALE - INPUT_MEAN) / INPUT_STD)
         .collect();
+    let n = x.len() / PIXELS;
     Tensor::from_data(TensorData::new(x, [n, 1, SIDE, SIDE]), device)
 }
 
-fn onehot_tensor(labels: &[u8], device: &Device) -> Tensor<2> {
-    let mut v = vec![0.0f32; labels.len() * CLASSES];
-    for (i, &l) in labels.iter().enumerate() {
-        v[i * CLASSES + l as usize] = 1.0;
+/// One-hot rows of labels (from one or more slices one after the other).
+fn onehot_tensor<'a>(labels: impl IntoIterator<Item = &'a [u8]>, device: &Device) -> Tensor<2> {
+    let mut v = Vec::new();
+    for &l in labels.into_iter().flatten() {
+        let mut row = [0.0f32; CLASSES];
+        row[l as usize] = 1.0;
+        v.extend_from_slice(&row);
     }
-    Tensor::from_data(TensorData::new(v, [labels.len(), CLASSES]), device)
+    let n = v.len() / CLASSES;
+    Tensor::from_data(TensorData::new(v, [n, CLASSES]), device)
 }
 
 fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, Error> {
     t.into_data()
         .try_into_vec::<f32>()
         .map_err(|e| Error::Tensor(format!("{e:?}")))
-}
-
-fn scalar(t: &Tensor<1>) -> Result<f32, Error> {
-    to_vec(t.clone())?
-        .first()
-        .copied()
-        .ok_or_else(|| Error::Tensor("empty loss".into()))
 }
 
 #[cfg(test)]
@@ -666,6 +702,46 @@ mod tests {
                 g.loss_sum,
                 after.loss_sum
             );
+        }
+    }
+
+    /// A task's inputs go to the device in one piece and each leaf reads its rows: a leaf's
+    /// gradient and loss must not depend on the leaves before it (the worker-count invariance
+    /// rests on it). Leaves of unequal sizes, dropout on; on libtorch too in a `tch` build.
+    #[test]
+    fn a_leaf_computed_with_others_equals_the_leaf_computed_alone() {
+        let tch = cfg!(feature = "tch").then_some(BackendKind::Tch);
+        for backend in std::iter::once(BackendKind::Flex).chain(tch) {
+            leaves_together_and_alone_agree(backend);
+        }
+    }
+
+    fn leaves_together_and_alone_agree(backend: BackendKind) {
+        let engine = Engine::new(ModelSpec::SEED, backend, "cpu", 0.75).unwrap();
+        let params = ModelSpec::SEED.init(5);
+        let (images, labels) = digits(12);
+        let cuts = [0usize, 5, 7, 12];
+        let batches: Vec<MicroBatch> = cuts
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| MicroBatch {
+                images: &images[w[0] * PIXELS..w[1] * PIXELS],
+                labels: &labels[w[0]..w[1]],
+                dropout_seed: 100 + i as u64,
+            })
+            .collect();
+        let together = engine.gradients(&params, &batches).unwrap();
+        for (i, batch) in batches.iter().enumerate() {
+            let alone = engine.gradients(&params, &[*batch]).unwrap().remove(0);
+            assert_eq!(together[i].examples, alone.examples, "{backend} leaf {i}");
+            let loss = (together[i].loss_sum.to_bits(), alone.loss_sum.to_bits());
+            assert_eq!(loss.0, loss.1, "{backend} leaf {i}: losses differ");
+            let same = together[i]
+                .values
+                .iter()
+                .zip(&alone.values)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{backend} leaf {i}: gradients differ");
         }
     }
 

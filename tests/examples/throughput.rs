@@ -3,8 +3,13 @@
 //! bf16 wire) and of two one-thread workers, per backend, all measured in this one run on this
 //! machine, with ratios and the bytes sent per step.
 //!
-//!   cargo run -p cluster-tests --example throughput [-- STEPS]            (flex; 30 steps)
+//! On a shared machine the figures drift by tens of percent within minutes, so with
+//! `BENCH_ROUNDS=N` every configuration is measured N times, in rounds that alternate their
+//! order; each ratio is taken within a round and the median over rounds is printed with its range.
+//!
+//!   cargo run -p cluster-tests --example throughput [-- STEPS]            (flex; 30 steps, 1 round)
 //!   BENCH_BACKENDS=flex,tch cargo run -p cluster-tests --features tch --example throughput
+//!   BENCH_ROUNDS=3 cargo run -p cluster-tests --example throughput -- 20
 
 use cluster_tests::*;
 use common::engine::{BackendKind, Engine};
@@ -127,10 +132,78 @@ async fn distributed(
     ))
 }
 
+/// One measurement of every configuration, in images/s (and bytes per step where it matters).
+#[derive(Default)]
+struct Round {
+    local1: f64,
+    local2: f64,
+    d1: f64,
+    d1tls: f64,
+    d1bf16: f64,
+    d1t2: f64,
+    d2: f64,
+    bytes1: f64,
+    bytes_bf16: f64,
+    bytes2: f64,
+}
+
+/// Measures every configuration once, in forward or reverse order (rounds alternate, so a drift
+/// of the machine over the run weighs on both sides of each ratio alike).
+fn round(
+    rt: &tokio::runtime::Runtime,
+    data: &common::mnist::Split,
+    name: &str,
+    steps: u64,
+    reverse: bool,
+) -> anyhow::Result<Round> {
+    let backend: BackendKind = name.parse()?;
+    let bf16 = ["--wire-format", "bf16"];
+    let mut r = Round::default();
+    let mut order: Vec<u8> = (0..7).collect();
+    if reverse {
+        order.reverse();
+    }
+    for which in order {
+        match which {
+            0 => r.local1 = local(data, backend, 1, steps)?,
+            1 => r.local2 = local(data, backend, 2, steps)?,
+            2 => (r.d1, r.bytes1) = rt.block_on(distributed(1, 1, steps, name, false, &[]))?,
+            3 => (r.d1tls, _) = rt.block_on(distributed(1, 1, steps, name, true, &[]))?,
+            4 => {
+                (r.d1bf16, r.bytes_bf16) =
+                    rt.block_on(distributed(1, 1, steps, name, false, &bf16))?
+            }
+            5 => (r.d1t2, _) = rt.block_on(distributed(1, 2, steps, name, false, &[]))?,
+            _ => (r.d2, r.bytes2) = rt.block_on(distributed(2, 1, steps, name, false, &[]))?,
+        }
+    }
+    Ok(r)
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    (values[(n - 1) / 2] + values[n / 2]) / 2.0
+}
+
+/// "median" or, over several rounds, "median (min-max over N rounds)".
+fn spread(values: Vec<f64>, digits: usize) -> String {
+    let m = median(values.clone());
+    if values.len() < 2 {
+        return format!("{m:.digits$}");
+    }
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{m:.digits$} ({lo:.digits$}-{hi:.digits$})")
+}
+
 fn main() -> anyhow::Result<()> {
     // As the coordinator and worker binaries do (the local loop's baseline too).
     common::process::keep_large_buffers();
     let steps: u64 = std::env::args().nth(1).map_or(Ok(30), |s| s.parse())?;
+    let rounds: usize = std::env::var("BENCH_ROUNDS").map_or(Ok(1), |s| s.parse())?;
+    anyhow::ensure!(rounds > 0, "BENCH_ROUNDS must be at least 1");
     let backends: Vec<String> = std::env::var("BENCH_BACKENDS")
         .unwrap_or_else(|_| "flex".into())
         .split(',')
@@ -139,48 +212,57 @@ fn main() -> anyhow::Result<()> {
     let data = common::mnist::load(&mnist_dir())?;
     let rt = tokio::runtime::Runtime::new()?;
     println!(
-        "seed convnet, batch {BATCH} (4 micro-batches of 32), {steps} timed steps after {WARMUP} warm-up"
+        "seed convnet, batch {BATCH} (4 micro-batches of 32), {steps} timed steps after {WARMUP} warm-up, {rounds} round(s)"
     );
     for name in &backends {
-        let backend: BackendKind = name.parse()?;
-        let local1 = local(&data.train, backend, 1, steps)?;
-        let local2 = local(&data.train, backend, 2, steps)?;
-        let (d1, bytes1) = rt.block_on(distributed(1, 1, steps, name, false, &[]))?;
-        let (d1tls, _) = rt.block_on(distributed(1, 1, steps, name, true, &[]))?;
-        let bf16 = ["--wire-format", "bf16"];
-        let (d1bf16, bytes_bf16) = rt.block_on(distributed(1, 1, steps, name, false, &bf16))?;
-        let (d1t2, _) = rt.block_on(distributed(1, 2, steps, name, false, &[]))?;
-        let (d2, bytes2) = rt.block_on(distributed(2, 1, steps, name, false, &[]))?;
-        println!("[{name}] local loop, 1 thread:        {local1:>8.1} images/s");
-        println!("[{name}] local loop, 2 threads:       {local2:>8.1} images/s");
+        let all: Vec<Round> = (0..rounds)
+            .map(|i| round(&rt, &data.train, name, steps, i % 2 == 1))
+            .collect::<anyhow::Result<_>>()?;
+        // Each figure is the median over the rounds; each ratio is taken within a round (both
+        // sides measured minutes apart) and then its median, with the range across rounds.
+        let fig = |f: fn(&Round) -> f64| spread(all.iter().map(f).collect(), 1);
+        let ratio = |f: fn(&Round) -> f64| spread(all.iter().map(f).collect(), 3);
         println!(
-            "[{name}] 1 worker x 1 thread:         {d1:>8.1} images/s  ({:.3}x local, 1 thread)",
-            d1 / local1
+            "[{name}] local loop, 1 thread:        {} images/s",
+            fig(|r| r.local1)
         );
         println!(
-            "[{name}] 1 worker x 1 thread, TLS:    {d1tls:>8.1} images/s  ({:.3}x plaintext)",
-            d1tls / d1
+            "[{name}] local loop, 2 threads:       {} images/s",
+            fig(|r| r.local2)
         );
         println!(
-            "[{name}] 1 worker x 1 thread, bf16:   {d1bf16:>8.1} images/s  ({:.3}x local, 1 thread; {:.1} MB per step)",
-            d1bf16 / local1,
-            bytes_bf16 / 1e6
+            "[{name}] 1 worker x 1 thread:         {} images/s; {}x local, 1 thread",
+            fig(|r| r.d1),
+            ratio(|r| r.d1 / r.local1)
         );
         println!(
-            "[{name}] 1 worker x 2 threads:        {d1t2:>8.1} images/s  ({:.3}x local, 2 threads)",
-            d1t2 / local2
+            "[{name}] 1 worker x 1 thread, TLS:    {} images/s; {}x plaintext",
+            fig(|r| r.d1tls),
+            ratio(|r| r.d1tls / r.d1)
         );
         println!(
-            "[{name}] 2 workers x 1 thread:        {d2:>8.1} images/s  ({:.3}x one worker)",
-            d2 / d1
+            "[{name}] 1 worker x 1 thread, bf16:   {} images/s; {}x local, 1 thread; {:.1} MB per step",
+            fig(|r| r.d1bf16),
+            ratio(|r| r.d1bf16 / r.local1),
+            all[0].bytes_bf16 / 1e6
+        );
+        println!(
+            "[{name}] 1 worker x 2 threads:        {} images/s; {}x local, 2 threads",
+            fig(|r| r.d1t2),
+            ratio(|r| r.d1t2 / r.local2)
+        );
+        println!(
+            "[{name}] 2 workers x 1 thread:        {} images/s; {}x one worker",
+            fig(|r| r.d2),
+            ratio(|r| r.d2 / r.d1)
         );
         println!(
             "[{name}] bytes per step, 1 worker:    {:>8.1} MB",
-            bytes1 / 1e6
+            all[0].bytes1 / 1e6
         );
         println!(
             "[{name}] bytes per step, 2 workers:   {:>8.1} MB",
-            bytes2 / 1e6
+            all[0].bytes2 / 1e6
         );
     }
     Ok(())
