@@ -125,9 +125,10 @@ pub struct Gradient {
 }
 
 /// Where a gradient computation spent its time (wall clock, added up over calls). On a GPU the
-/// host waits for the device only when it reads the losses and the sums back (in `download`),
-/// so there `forward` and `backward` count the time to queue their kernels and `download`
-/// the kernels still running.
+/// host waits for running kernels only when it reads the losses and the sums back (in
+/// `download`; the uploads wait too, but come first, while the queue is empty), so there
+/// `forward` and `backward` count the time to queue their kernels and `download` the kernels
+/// still running.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Phases {
     /// The parameters (host copy, transfer, cut into leaves); the task's images, labels and
@@ -227,6 +228,9 @@ impl Engine {
         nodes: &[Node],
         phases: &mut Phases,
     ) -> Result<Vec<Gradient>, Error> {
+        if batches.is_empty() {
+            return Err(Error::BadBatch("a task without micro-batches".into()));
+        }
         let clock = Instant::now();
         let device = self.device.clone().autodiff();
         let leaves: Vec<Tensor<1>> = self
@@ -241,9 +245,6 @@ impl Engine {
         // pageable host memory waits for the device; done per leaf, each would stall the queue
         // of kernels the previous leaf left running. The values are the same either way.
         let clock = Instant::now();
-        if batches.is_empty() {
-            return Err(Error::BadBatch("a task without micro-batches".into()));
-        }
         let rows = batches
             .iter()
             .map(|b| check_batch(b.images, b.labels))

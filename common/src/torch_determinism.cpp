@@ -19,6 +19,11 @@ void dtrain_torch_set_deterministic(int on) {
     at::globalContext().setBenchmarkCuDNN(false);
 }
 
+// For the test that holds the fill to change nothing (common/src/torch.rs).
+void dtrain_torch_set_fill_uninitialized(int on) {
+    at::globalContext().setDeterministicFillUninitializedMemory(on != 0);
+}
+
 int dtrain_torch_deterministic(void) {
     return at::globalContext().deterministicAlgorithms() ? 1 : 0;
 }

@@ -202,7 +202,9 @@ fn main() -> anyhow::Result<()> {
     // As the coordinator and worker binaries do (the local loop's baseline too).
     common::process::keep_large_buffers();
     let steps: u64 = std::env::args().nth(1).map_or(Ok(30), |s| s.parse())?;
-    let rounds: usize = std::env::var("BENCH_ROUNDS").map_or(Ok(1), |s| s.parse())?;
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .map_or(Ok(1), |s| s.parse())
+        .map_err(|e| anyhow::anyhow!("BENCH_ROUNDS: {e}"))?;
     anyhow::ensure!(rounds > 0, "BENCH_ROUNDS must be at least 1");
     let backends: Vec<String> = std::env::var("BENCH_BACKENDS")
         .unwrap_or_else(|_| "flex".into())
@@ -219,7 +221,8 @@ fn main() -> anyhow::Result<()> {
             .map(|i| round(&rt, &data.train, name, steps, i % 2 == 1))
             .collect::<anyhow::Result<_>>()?;
         // Each figure is the median over the rounds; each ratio is taken within a round (both
-        // sides measured minutes apart) and then its median, with the range across rounds.
+        // sides measured within minutes of each other) and then its median, with the range
+        // across rounds.
         let fig = |f: fn(&Round) -> f64| spread(all.iter().map(f).collect(), 1);
         let ratio = |f: fn(&Round) -> f64| spread(all.iter().map(f).collect(), 3);
         println!(

@@ -450,6 +450,9 @@ pub fn compute(
     let bad = |m: String| WorkerError::BadTask(m);
     let params = common::codec::decode(wire, &task.params, engine.param_count())
         .map_err(|e| bad(format!("parameters: {e}")))?;
+    if task.leaf_sizes.is_empty() {
+        return Err(bad("a task without micro-batches".into()));
+    }
     let total: usize = task.leaf_sizes.iter().map(|&s| s as usize).sum();
     let px = common::mnist::PIXELS;
     if task.labels.len() != total || task.images.len() != total * px {
