@@ -717,12 +717,9 @@ mod tests {
         }
     }
 
-    fn leaves_together_and_alone_agree(backend: BackendKind) {
-        let engine = Engine::new(ModelSpec::SEED, backend, "cpu", 0.75).unwrap();
-        let params = ModelSpec::SEED.init(5);
-        let (images, labels) = digits(12);
-        let cuts = [0usize, 5, 7, 12];
-        let batches: Vec<MicroBatch> = cuts
+    /// Three micro-batches of unequal sizes (5, 2 and 5 images), each with its dropout seed.
+    fn unequal_leaves<'a>(images: &'a [u8], labels: &'a [u8]) -> Vec<MicroBatch<'a>> {
+        [0usize, 5, 7, 12]
             .windows(2)
             .enumerate()
             .map(|(i, w)| MicroBatch {
@@ -730,20 +727,57 @@ mod tests {
                 labels: &labels[w[0]..w[1]],
                 dropout_seed: 100 + i as u64,
             })
-            .collect();
-        let together = engine.gradients(&params, &batches).unwrap();
-        for (i, batch) in batches.iter().enumerate() {
-            let alone = engine.gradients(&params, &[*batch]).unwrap().remove(0);
-            assert_eq!(together[i].examples, alone.examples, "{backend} leaf {i}");
-            let loss = (together[i].loss_sum.to_bits(), alone.loss_sum.to_bits());
-            assert_eq!(loss.0, loss.1, "{backend} leaf {i}: losses differ");
-            let same = together[i]
+            .collect()
+    }
+
+    /// Asserts two computations gave the same bits, leaf by leaf.
+    fn assert_same_bits(a: &[Gradient], b: &[Gradient], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (a, b)) in a.iter().zip(b).enumerate() {
+            assert_eq!(a.examples, b.examples, "{what}, leaf {i}");
+            assert_eq!(
+                a.loss_sum.to_bits(),
+                b.loss_sum.to_bits(),
+                "{what}, leaf {i}: loss"
+            );
+            let same = a
                 .values
                 .iter()
-                .zip(&alone.values)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{backend} leaf {i}: gradients differ");
+                .zip(&b.values)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{what}, leaf {i}: gradients differ");
         }
+    }
+
+    fn leaves_together_and_alone_agree(backend: BackendKind) {
+        let engine = Engine::new(ModelSpec::SEED, backend, "cpu", 0.75).unwrap();
+        let params = ModelSpec::SEED.init(5);
+        let (images, labels) = digits(12);
+        let batches = unequal_leaves(&images, &labels);
+        let together = engine.gradients(&params, &batches).unwrap();
+        let alone: Vec<Gradient> = batches
+            .iter()
+            .map(|b| engine.gradients(&params, &[*b]).unwrap().remove(0))
+            .collect();
+        assert_same_bits(&together, &alone, &format!("{backend}, together and alone"));
+    }
+
+    /// `set_deterministic` turns off libtorch's fill of new tensors with NaN. With the fill on,
+    /// any read of memory no op wrote would change the result, so the same bits with and
+    /// without it hold that the fill was not needed. (The switch is process-wide; the suite
+    /// runs the libtorch tests one at a time.)
+    #[cfg(feature = "tch")]
+    #[test]
+    fn libtorch_gradients_do_not_change_with_the_fill_of_new_tensors() {
+        let engine = Engine::new(ModelSpec::SEED, BackendKind::Tch, "cpu", 0.75).unwrap();
+        let params = ModelSpec::SEED.init(9);
+        let (images, labels) = digits(12);
+        let batches = unequal_leaves(&images, &labels);
+        crate::torch::set_fill_uninitialized(true);
+        let filled = engine.gradients(&params, &batches);
+        crate::torch::set_fill_uninitialized(false);
+        let plain = engine.gradients(&params, &batches).unwrap();
+        assert_same_bits(&filled.unwrap(), &plain, "with and without the fill");
     }
 
     #[test]

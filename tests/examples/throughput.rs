@@ -180,21 +180,16 @@ fn round(
     Ok(r)
 }
 
-/// The median of `values` (the mean of the middle two for an even count).
-fn median(mut values: Vec<f64>) -> f64 {
+/// "median" or, over several rounds, "median (min-max)" (the median of an even count is the
+/// mean of the middle two).
+fn spread(mut values: Vec<f64>, digits: usize) -> String {
     values.sort_by(f64::total_cmp);
     let n = values.len();
-    (values[(n - 1) / 2] + values[n / 2]) / 2.0
-}
-
-/// "median" or, over several rounds, "median (min-max over N rounds)".
-fn spread(values: Vec<f64>, digits: usize) -> String {
-    let m = median(values.clone());
-    if values.len() < 2 {
+    let m = (values[(n - 1) / 2] + values[n / 2]) / 2.0;
+    if n < 2 {
         return format!("{m:.digits$}");
     }
-    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (lo, hi) = (values[0], values[n - 1]);
     format!("{m:.digits$} ({lo:.digits$}-{hi:.digits$})")
 }
 

@@ -450,9 +450,6 @@ pub fn compute(
     let bad = |m: String| WorkerError::BadTask(m);
     let params = common::codec::decode(wire, &task.params, engine.param_count())
         .map_err(|e| bad(format!("parameters: {e}")))?;
-    if task.leaf_sizes.is_empty() {
-        return Err(bad("a task without micro-batches".into()));
-    }
     let total: usize = task.leaf_sizes.iter().map(|&s| s as usize).sum();
     let px = common::mnist::PIXELS;
     if task.labels.len() != total || task.images.len() != total * px {
@@ -490,7 +487,14 @@ pub fn compute(
     if sorted.windows(2).any(|w| w[0].hi > w[1].lo) {
         return Err(bad(format!("nodes {nodes:?} overlap")));
     }
-    let sums = engine.node_gradients(params, first, &batches, &nodes, &mut Phases::default())?;
+    // The engine refuses a malformed batch (no micro-batches, a label that is not a digit): the
+    // task's fault, reported as such; any other engine error is the device's.
+    let sums = engine
+        .node_gradients(params, first, &batches, &nodes, &mut Phases::default())
+        .map_err(|e| match e {
+            common::Error::BadBatch(m) => bad(m),
+            e => WorkerError::Compute(e),
+        })?;
     let finite = sums
         .iter()
         .all(|s| s.loss_sum.is_finite() && s.values.iter().all(|v| v.is_finite()));
