@@ -6,7 +6,8 @@
 #   PyTorch's parameter-server worker step (../shared/gpu/torch_ps_sim.py) and its own training
 #   loop (torch_ref.py), then this project's local loop (`worker --local-steps`), a coordinator
 #   with 1 and with 4 GPU workers, batch 1024 in micro-batches of 256 (local and 1 worker), and
-#   the default job end to end (time to its test accuracy).
+#   the default job end to end (time to its test accuracy); then a GPU worker's time per shard,
+#   phase by phase (its log's "time per shard" line), and the distributed step's overhead.
 #
 #   scripts/gpu-check.sh BIN_DIR MNIST_DIR [STEPS] [REF_DIR]
 #     STEPS: timed steps per measurement (default 300); REF_DIR: the PyTorch scripts
@@ -99,3 +100,10 @@ echo "| coordinator + 4 workers sharing the GPU | $four images/s | - | $(ratio "
 echo "| local loop, batch 1024 in 4 x 256 | $local256 images/s | $torch_one images/s (1 pass of 128 + transfers) | $(ratio "$local256" "$torch_one") |"
 echo "| coordinator + 1 worker, batch 1024 in 4 x 256 | $one256 images/s | - | $(ratio "$one256" "$local256") of its local loop |"
 echo "| default job end to end | ${full_s} s to ${test_acc:-?} test accuracy | see torch_ref.txt above | - |"
+echo
+echo "== a GPU worker's shard, phase by phase (1 worker; 'wait for the task' holds the coordinator's step and the download)"
+for b in 128 1024; do
+    echo "batch $b: $(grep -o 'time per shard.*' "$out/worker-1-$b-1.log" | tail -1)"
+done
+overhead="$(python3 -c "print(f'{128e3 / $one - 128e3 / $local32:.2f} ms')" 2>/dev/null || echo '?')"
+echo "distributed step's overhead at batch 128 (1 worker's step minus the local loop's): $overhead (target <= 5 ms)"

@@ -120,6 +120,13 @@ fn train(name: &str, backends: &[&str], steps: u64) -> (String, Vec<NamedTensor>
         );
         let text = w.log_text();
         assert!(text.contains(&format!("backend={b}")), "{}", w.tail());
+        // Its profile of the distributed step, phase by phase (`scripts/gpu-check.sh` prints it).
+        assert!(
+            text.lines()
+                .any(|l| l.contains("time per shard") && l.contains("backward")),
+            "{}",
+            w.tail()
+        );
         let answered = text
             .lines()
             .find(|l| l.contains("job over"))

@@ -8,7 +8,7 @@
 use backon::{ExponentialBuilder, Retryable};
 use clap::Parser;
 use common::codec::WireFormat;
-use common::engine::{BackendKind, Engine, MicroBatch, Phases};
+use common::engine::{BackendKind, Engine, MicroBatch, Params, Phases};
 use common::model::{ModelKind, ModelSpec, Pool};
 use common::schedule::Schedule;
 use common::tree::Node;
@@ -19,7 +19,7 @@ use proto::{
     FailureKind, FailureReport, GetWorkRequest, HeartbeatRequest, NodeGradient, NodeRange,
     RegisterRequest, SubmitRequest, Task,
 };
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 use tracing::{info, warn};
@@ -325,6 +325,69 @@ impl Health {
     }
 }
 
+/// Where this worker's shards spent their time, summed over the shards after the first (which
+/// also holds the wait for the job to start), and logged when the job ends: the distributed
+/// step's profile as a worker sees it (`scripts/gpu-check.sh` prints it for a GPU worker).
+#[derive(Debug, Default)]
+struct ShardTimes {
+    shards: u32,
+    /// From asking for work to holding the task: the coordinator's step (the tree sum and SGD)
+    /// and the task's download.
+    wait: Duration,
+    compute: ComputeTimes,
+    /// The node sums sent (encoded and streamed), until the coordinator's answer.
+    submit: Duration,
+}
+
+impl ShardTimes {
+    fn add(&mut self, wait: Duration, compute: &ComputeTimes, submit: Duration) {
+        self.shards += 1;
+        self.wait += wait;
+        let (sum, new) = (&mut self.compute, compute);
+        sum.decode += new.decode;
+        sum.engine.upload += new.engine.upload;
+        sum.engine.forward += new.engine.forward;
+        sum.engine.backward += new.engine.backward;
+        sum.engine.reduce += new.engine.reduce;
+        sum.engine.download += new.engine.download;
+        sum.check += new.check;
+        self.submit += submit;
+    }
+
+    fn log(&self) {
+        if self.shards == 0 {
+            return;
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3 / f64::from(self.shards);
+        let (c, e) = (&self.compute, &self.compute.engine);
+        info!(
+            "time per shard, mean of {} (ms): wait for the task {:.2}, decode {:.2}, upload {:.2}, \
+             forward {:.2}, backward {:.2}, reduce {:.2}, download {:.2}, check {:.2}, submit {:.2}",
+            self.shards,
+            ms(self.wait),
+            ms(c.decode),
+            ms(e.upload),
+            ms(e.forward),
+            ms(e.backward),
+            ms(e.reduce),
+            ms(e.download),
+            ms(c.check),
+            ms(self.submit)
+        );
+    }
+}
+
+/// Where [`compute`] spent its time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ComputeTimes {
+    /// The parameters decoded from the wire (bf16; f32 goes to the engine as it came).
+    pub decode: Duration,
+    /// The engine's phases.
+    pub engine: Phases,
+    /// The node sums checked finite and taken as the wire's bytes.
+    pub check: Duration,
+}
+
 /// Who this worker is to the coordinator process it registered with.
 #[derive(Debug, Clone, Copy)]
 struct Me {
@@ -345,6 +408,9 @@ async fn work(
 ) -> Result<(), Stop> {
     // Shards this worker answered (said at the end: tests prove a worker took part with it).
     let mut answered = 0u64;
+    let mut times = ShardTimes::default();
+    let mut first = true;
+    let mut asked = Instant::now();
     loop {
         let reply = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -358,9 +424,11 @@ async fn work(
             Some(Reply::Wait(_)) | None => continue,
             Some(Reply::Shutdown(s)) => {
                 info!(reason = s.reason, shards = answered, "job over; exiting");
+                times.log();
                 return Ok(());
             }
         };
+        let wait = asked.elapsed();
         let (step, task_id) = (task.step, task.task_id);
         let inject = health.to_inject > 0;
         health.to_inject = health.to_inject.saturating_sub(1);
@@ -371,7 +439,8 @@ async fn work(
                     "injected device failure (--inject-shard-failures)".into(),
                 )));
             }
-            compute(&e, &task, me.wire)
+            let mut times = ComputeTimes::default();
+            compute(&e, &task, me.wire, &mut times).map(|nodes| (nodes, times))
         })
         .await
         .unwrap_or_else(|panic| {
@@ -379,8 +448,8 @@ async fn work(
                 "the engine panicked: {panic}"
             ))))
         });
-        let nodes = match computed {
-            Ok(nodes) => nodes,
+        let (nodes, compute_times) = match computed {
+            Ok(done) => done,
             Err(err) => {
                 warn!(step, error = %err, "could not compute this shard; reporting it");
                 client
@@ -397,7 +466,10 @@ async fn work(
                     .or_else(ignore_races)?;
                 match health.failed(&err) {
                     Some(sick) => return Err(Stop::Sick(sick)),
-                    None => continue,
+                    None => {
+                        asked = Instant::now();
+                        continue;
+                    }
                 }
             }
         };
@@ -415,7 +487,13 @@ async fn work(
                 nodes: vec![node],
             })
             .collect();
-        match client.submit_gradients(tokio_stream::iter(parts)).await {
+        let sent = Instant::now();
+        let submitted = client.submit_gradients(tokio_stream::iter(parts)).await;
+        if !std::mem::take(&mut first) {
+            times.add(wait, &compute_times, sent.elapsed());
+        }
+        asked = Instant::now();
+        match submitted {
             Ok(r) if !r.get_ref().accepted => {
                 info!(step, "another copy of this shard answered first")
             }
@@ -441,15 +519,26 @@ fn ignore_races(s: Status) -> Result<(), Status> {
     }
 }
 
-/// Computes a task's node gradients; tensors come and go in `wire` format.
+/// Computes a task's node gradients; tensors come and go in `wire` format. Adds where the time
+/// went to `times`.
 pub fn compute(
     engine: &Engine,
     task: &Task,
     wire: WireFormat,
+    times: &mut ComputeTimes,
 ) -> Result<Vec<NodeGradient>, WorkerError> {
     let bad = |m: String| WorkerError::BadTask(m);
-    let params = common::codec::decode(wire, &task.params, engine.param_count())
-        .map_err(|e| bad(format!("parameters: {e}")))?;
+    let started = Instant::now();
+    let n = engine.param_count();
+    let params = match wire {
+        // The bytes as they came: the engine takes them with as few copies as its backend
+        // allows (libtorch: none before its own).
+        WireFormat::F32 if task.params.len() == n * 4 => Params::LeF32(task.params.clone()),
+        _ => common::codec::decode(wire, &task.params, n)
+            .map_err(|e| bad(format!("parameters: {e}")))?
+            .into(),
+    };
+    times.decode += started.elapsed();
     let total: usize = task.leaf_sizes.iter().map(|&s| s as usize).sum();
     let px = common::mnist::PIXELS;
     if task.labels.len() != total || task.images.len() != total * px {
@@ -490,21 +579,22 @@ pub fn compute(
     // The engine refuses a malformed batch (no micro-batches, a label that is not a digit): the
     // task's fault, reported as such; any other engine error is the device's.
     let sums = engine
-        .node_gradients(params, first, &batches, &nodes, &mut Phases::default())
+        .node_gradients(params, first, &batches, &nodes, &mut times.engine)
         .map_err(|e| match e {
             common::Error::BadBatch(m) => bad(m),
             e => WorkerError::Compute(e),
         })?;
+    let started = Instant::now();
     let finite = sums
         .iter()
-        .all(|s| s.loss_sum.is_finite() && s.values.iter().all(|v| v.is_finite()));
+        .all(|s| s.loss_sum.is_finite() && common::sgd::all_finite(&s.values));
     if !finite {
         return Err(WorkerError::NonFinite(format!(
             "step {} leaves {first}..{last}",
             task.step + 1
         )));
     }
-    Ok(nodes
+    let nodes = nodes
         .iter()
         .zip(sums)
         .map(|(n, sum)| NodeGradient {
@@ -513,7 +603,9 @@ pub fn compute(
             loss_sum: sum.loss_sum,
             offset: 0,
         })
-        .collect())
+        .collect();
+    times.check += started.elapsed();
+    Ok(nodes)
 }
 
 /// Sends heartbeats until `stop`.
