@@ -115,8 +115,6 @@ pub struct MicroBatch<'a> {
     pub dropout_seed: u64,
 }
 
-/// The gradient of the summed (not averaged) cross-entropy over a micro-batch, or summed over
-/// the micro-batches of a tree node.
 /// A parameter vector as [`Engine::node_gradients`] takes it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Params {
@@ -129,27 +127,14 @@ pub enum Params {
     LeF32(bytes::Bytes),
 }
 
-impl Params {
-    /// The number of values (bytes that are not a whole number of values count as none).
-    pub fn len(&self) -> usize {
-        match self {
-            Params::Values(v) => v.len(),
-            Params::LeF32(b) if b.len() % 4 == 0 => b.len() / 4,
-            Params::LeF32(_) => 0,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 impl From<Vec<f32>> for Params {
     fn from(values: Vec<f32>) -> Self {
         Params::Values(values)
     }
 }
 
+/// The gradient of the summed (not averaged) cross-entropy over a micro-batch, or summed over
+/// the micro-batches of a tree node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gradient {
     pub values: Vec<f32>,
@@ -180,6 +165,16 @@ pub struct Phases {
 impl Phases {
     pub fn total(&self) -> Duration {
         self.upload + self.forward + self.backward + self.reduce + self.download
+    }
+}
+
+impl std::ops::AddAssign for Phases {
+    fn add_assign(&mut self, other: Phases) {
+        self.upload += other.upload;
+        self.forward += other.forward;
+        self.backward += other.backward;
+        self.reduce += other.reduce;
+        self.download += other.download;
     }
 }
 
@@ -388,26 +383,29 @@ impl Engine {
     /// host), cut into one tensor per parameter (views of it where the backend has views).
     fn upload(&self, params: Params, device: &Device) -> Result<Vec<Tensor<1>>, Error> {
         let n = self.param_count;
-        if params.len() != n {
-            return Err(Error::ParamCount {
-                expected: n,
-                got: params.len(),
-            });
-        }
         let data = match params {
-            Params::Values(values) => TensorData::new(values, [n]),
+            Params::Values(values) if values.len() == n => TensorData::new(values, [n]),
+            Params::Values(values) => {
+                return Err(Error::ParamCount {
+                    expected: n,
+                    got: values.len(),
+                });
+            }
             // libtorch reads the bytes as they are (native f32: little-endian here).
             Params::LeF32(bytes)
-                if self.backend == BackendKind::Tch && cfg!(target_endian = "little") =>
+                if self.backend == BackendKind::Tch
+                    && cfg!(target_endian = "little")
+                    && bytes.len() == 4 * n =>
             {
                 let shared = burn::tensor::Bytes::from_shared(bytes, AllocationProperty::Other);
                 TensorData::from_bytes(shared, [n], DType::F32)
             }
             Params::LeF32(bytes) => {
+                // Also the length check of every backend's bytes.
                 let values =
-                    crate::codec::decode_f32(&bytes, n).map_err(|e| Error::ParamCount {
-                        expected: n,
-                        got: e.got_bytes / 4,
+                    crate::codec::decode_f32(&bytes, n).map_err(|e| Error::ParamBytes {
+                        expected: 4 * n,
+                        got: e.got_bytes,
                     })?;
                 TensorData::new(values, [n])
             }
@@ -844,11 +842,14 @@ mod tests {
                 &from_bytes,
                 &format!("{backend}, bytes and values"),
             );
-            let short = Params::LeF32(bytes::Bytes::from(vec![0u8; 4 * params.len() - 2]));
-            assert!(matches!(
-                engine.node_gradients(short, 0, &batches, &leaves, &mut phases),
-                Err(Error::ParamCount { .. })
-            ));
+            // One value short, and half a value short.
+            for short in [4 * params.len() - 4, 4 * params.len() - 2] {
+                let bytes = Params::LeF32(bytes::Bytes::from(vec![0u8; short]));
+                assert!(matches!(
+                    engine.node_gradients(bytes, 0, &batches, &leaves, &mut phases),
+                    Err(Error::ParamBytes { got, .. }) if got == short
+                ));
+            }
         }
     }
 

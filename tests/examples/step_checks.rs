@@ -5,8 +5,10 @@
 //! new parameters, and two workers' nodes summed before the step, each in two passes against
 //! fused; the wire codec (`common::codec`: parameters encoded once a step, each gradient
 //! decoded; the encode against the value-by-value loop it replaced), the gradient intake
-//! (decode, then the norm check) in two passes against fused block by block, and the bf16 wire
-//! format's encode and decode, for the seed convnet's 3,274,634 parameters.
+//! (decode, then the norm check) in two passes against fused block by block, the worker's
+//! finiteness check of a sum (`sgd::all_finite` against a value-by-value check with an early
+//! exit), and the bf16 wire format's encode and decode, for the seed convnet's 3,274,634
+//! parameters.
 //!
 //!   cargo run -p cluster-tests --example step_checks [-- ROUNDS]          (default 50)
 

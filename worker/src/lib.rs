@@ -325,14 +325,14 @@ impl Health {
     }
 }
 
-/// Where this worker's shards spent their time, summed over the shards after the first (which
-/// also holds the wait for the job to start), and logged when the job ends: the distributed
+/// Where this worker's shards spent their time, summed over the shards it answered after the
+/// first (whose wait also holds the job's start), and logged when the job ends: the distributed
 /// step's profile as a worker sees it (`scripts/gpu-check.sh` prints it for a GPU worker).
 #[derive(Debug, Default)]
 struct ShardTimes {
     shards: u32,
     /// From asking for work to holding the task: the coordinator's step (the tree sum and SGD)
-    /// and the task's download.
+    /// and the task's download; with several workers, also the wait for the round's slowest.
     wait: Duration,
     compute: ComputeTimes,
     /// The node sums sent (encoded and streamed), until the coordinator's answer.
@@ -343,14 +343,9 @@ impl ShardTimes {
     fn add(&mut self, wait: Duration, compute: &ComputeTimes, submit: Duration) {
         self.shards += 1;
         self.wait += wait;
-        let (sum, new) = (&mut self.compute, compute);
-        sum.decode += new.decode;
-        sum.engine.upload += new.engine.upload;
-        sum.engine.forward += new.engine.forward;
-        sum.engine.backward += new.engine.backward;
-        sum.engine.reduce += new.engine.reduce;
-        sum.engine.download += new.engine.download;
-        sum.check += new.check;
+        self.compute.decode += compute.decode;
+        self.compute.engine += compute.engine;
+        self.compute.check += compute.check;
         self.submit += submit;
     }
 
@@ -413,7 +408,10 @@ async fn work(
     let mut asked = Instant::now();
     loop {
         let reply = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => {
+                times.log();
+                return Ok(());
+            }
             r = client.get_work(GetWorkRequest {
                 worker_id: me.id,
                 incarnation: me.incarnation,
@@ -439,8 +437,8 @@ async fn work(
                     "injected device failure (--inject-shard-failures)".into(),
                 )));
             }
-            let mut times = ComputeTimes::default();
-            compute(&e, &task, me.wire, &mut times).map(|nodes| (nodes, times))
+            let mut compute_times = ComputeTimes::default();
+            compute(&e, &task, me.wire, &mut compute_times).map(|nodes| (nodes, compute_times))
         })
         .await
         .unwrap_or_else(|panic| {
