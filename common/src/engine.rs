@@ -402,12 +402,7 @@ impl Engine {
             }
             Params::LeF32(bytes) => {
                 // Also the length check of every backend's bytes.
-                let values =
-                    crate::codec::decode_f32(&bytes, n).map_err(|e| Error::ParamBytes {
-                        expected: 4 * n,
-                        got: e.got_bytes,
-                    })?;
-                TensorData::new(values, [n])
+                TensorData::new(crate::codec::decode_f32(&bytes, n)?, [n])
             }
         };
         let flat = Tensor::<1>::from_data(data, device);
@@ -847,7 +842,7 @@ mod tests {
                 let bytes = Params::LeF32(bytes::Bytes::from(vec![0u8; short]));
                 assert!(matches!(
                     engine.node_gradients(bytes, 0, &batches, &leaves, &mut phases),
-                    Err(Error::ParamBytes { got, .. }) if got == short
+                    Err(Error::WireLength(e)) if e.got_bytes == short
                 ));
             }
         }

@@ -111,15 +111,6 @@ fn momentum_step(
 /// multiple of [`SquareSum::LANES`], so the sums have the same bits as one pass.
 pub const CACHE_BLOCK: usize = 4096;
 
-/// Whether every value is finite, in a pass the compiler vectorises: no early exit inside a
-/// block of [`CACHE_BLOCK`] values (a worker checks each 13.1 MB sum before sending it;
-/// `step_checks` measures this against a value-by-value check with an early exit).
-pub fn all_finite(values: &[f32]) -> bool {
-    values
-        .chunks(CACHE_BLOCK)
-        .all(|block| block.iter().fold(true, |all, v| all & v.is_finite()))
-}
-
 /// The L2 norm of `values`, accumulated in f64 (NaN or infinite when a value is).
 pub fn l2_norm(values: &[f32]) -> f64 {
     let mut squares = SquareSum::default();
@@ -206,20 +197,6 @@ mod tests {
             assert_eq!(seen, p2);
         }
         assert_eq!((p1, a), (p2, b));
-    }
-
-    #[test]
-    fn a_single_nan_or_infinity_anywhere_is_found() {
-        let n = 3 * CACHE_BLOCK + 5;
-        assert!(all_finite(&vec![f32::MAX; n]));
-        assert!(all_finite(&[]));
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            for at in [0, CACHE_BLOCK - 1, CACHE_BLOCK, n - 1] {
-                let mut v = vec![1.0f32; n];
-                v[at] = bad;
-                assert!(!all_finite(&v), "{bad} at {at}");
-            }
-        }
     }
 
     #[test]

@@ -1,9 +1,8 @@
 //! Where one training step's time goes, phase by phase, with the real parts in one process:
 //! the engine's upload (of the parameters as the wire's bytes, as a worker gives them), forward,
 //! backward, on-device reduction and download (`Engine::node_gradients`), the worker's gradient
-//! encode, the coordinator's
-//! decode, and its SGD step, which also encodes the next step's parameters
-//! (`TrainState::apply_and_encode`). The wire itself is the transport benchmark's
+//! encode, the coordinator's decode, and its SGD step, which also encodes the next step's
+//! parameters (`TrainState::apply_and_encode`). The wire itself is the transport benchmark's
 //! (`--example transport`). Printed in ms per step and as a share of the step.
 //!
 //!   cargo run -p cluster-tests --example step_profile [-- STEPS]      (default 20, flex)

@@ -583,9 +583,11 @@ pub fn compute(
             e => WorkerError::Compute(e),
         })?;
     let started = Instant::now();
+    // The coordinator's own check of a gradient: its norm is finite exactly when every value
+    // is (an f32's square cannot overflow an f64 sum), and the pass vectorises.
     let finite = sums
         .iter()
-        .all(|s| s.loss_sum.is_finite() && common::sgd::all_finite(&s.values));
+        .all(|s| s.loss_sum.is_finite() && common::sgd::l2_norm(&s.values).is_finite());
     if !finite {
         return Err(WorkerError::NonFinite(format!(
             "step {} leaves {first}..{last}",
