@@ -39,7 +39,8 @@ pub fn encode(format: WireFormat, values: &[f32]) -> Vec<u8> {
 }
 
 /// Appends the encoding of `values` in `format` to `out` (the coordinator encodes the new
-/// parameters block by block inside the SGD step: `TrainState::apply_and_encode`).
+/// parameters block by block inside the SGD step, `TrainState::apply_then`, and sends them in
+/// parts as it goes).
 pub fn encode_append(format: WireFormat, values: &[f32], out: &mut Vec<u8>) {
     match format {
         WireFormat::F32 if cfg!(target_endian = "little") => {

@@ -32,7 +32,7 @@ impl Sgd {
     /// `each(new_params, gradient)` on every block right after stepping it, while both are in
     /// cache. A pass that needs the gradient (its norm) or the new parameters (their wire form)
     /// rides on the step instead of reading 13 MB again: the coordinator's step reads its
-    /// memory once (`TrainState::apply_and_encode`; `step_checks` measures it against
+    /// memory once (`TrainState::apply_then`; `step_checks` measures it against
     /// separate passes).
     pub fn step_blocks(
         &mut self,

@@ -172,9 +172,10 @@ impl TrainState {
         self.apply_then(sum, examples, lr, clip, |_| {})
     }
 
-    /// [`TrainState::apply`], and the new parameters encoded in `wire` for the next step's
-    /// tasks, each block right after the step wrote it (while in cache): the coordinator's step
-    /// reads the parameters once instead of once more to encode them.
+    /// [`TrainState::apply`], and the new parameters encoded in `wire`, each block right after
+    /// the step wrote it (while in cache), as the coordinator's step encodes them for the next
+    /// step's tasks (through [`TrainState::apply_then`]): it reads the parameters once instead
+    /// of once more to encode them.
     pub fn apply_and_encode(
         &mut self,
         sum: &(impl Gradient + ?Sized),
@@ -190,8 +191,9 @@ impl TrainState {
         Ok((norm, encoded))
     }
 
-    /// The step, with `each` called on every block of new parameters as the step writes it.
-    fn apply_then(
+    /// [`TrainState::apply`], with `each` called on every block of new parameters as the step
+    /// writes it (the coordinator encodes and sends them from there).
+    pub fn apply_then(
         &mut self,
         sum: &(impl Gradient + ?Sized),
         examples: u32,

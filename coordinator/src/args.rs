@@ -459,21 +459,20 @@ impl TrainArgs {
 }
 
 /// Checks, before any worker joins, that every message this job implies fits the protocol's
-/// bound: the largest task (the parameters and a whole batch of images, when one worker takes
-/// every leaf) and the largest submission message (one node's gradient).
+/// bound: the largest task (a whole batch of images, when one worker takes every leaf; its
+/// parameters follow it in parts) and the largest submission message (one node's gradient).
 fn message_sizes_fit(t: &TrainConfig) -> Result<(), String> {
     let params = t.model.param_count();
     let leaves = t.batch_size.div_ceil(t.micro_batch.max(1));
-    let task = proto::largest_task_bytes(params, t.batch_size, leaves);
+    let task = proto::largest_task_bytes(t.batch_size, leaves);
     let part = proto::largest_submission_part_bytes(params);
     let max = proto::MAX_MESSAGE_BYTES;
     let mb = |b: usize| b as f64 / 1e6;
     if task > max {
         return Err(format!(
-            "a task of this job would be {:.1} MB ({} images of 785 bytes and {:.1} MB of parameters), over the {:.1} MB message bound: lower --batch-size",
+            "a task of this job would be {:.1} MB ({} images of 785 bytes), over the {:.1} MB message bound: lower --batch-size",
             mb(task),
             t.batch_size,
-            mb(params * 4),
             mb(max)
         ));
     }
@@ -492,9 +491,9 @@ fn message_sizes_fit(t: &TrainConfig) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    /// The message bound never binds for a valid job: the largest task there can be (the
-    /// largest model's parameters and a batch of every training image, one image a micro-batch,
-    /// all to one worker) and the largest gradient fit it.
+    /// The message bound never binds for a valid job: the largest task there can be (a batch of
+    /// every training image, one image a micro-batch, all to one worker) and the largest model's
+    /// gradient fit it.
     #[test]
     fn every_valid_job_fits_the_message_bound() {
         for kind in [ModelKind::Seed, ModelKind::Inception] {

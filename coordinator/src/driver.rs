@@ -6,7 +6,7 @@
 use crate::args::JobConfig;
 use crate::checkpoint::{CheckpointStore, Metrics};
 use crate::loss_watch::LossWatch;
-use crate::state::{HistoryPoint, JobState, Shared, StepData};
+use crate::state::{HistoryPoint, JobState, Shared, StepData, WireParams};
 use common::engine::Engine;
 use common::mnist::{Mnist, Split};
 use common::train::{Batcher, TrainState};
@@ -96,9 +96,11 @@ impl Driver {
         let mut pending_save: Option<JoinHandle<()>> = None;
         let mut validating: Option<Validation> = None;
         let mut loss_watch = LossWatch::default();
-        // The parameters in wire form for the next step, encoded by the last step's SGD pass
-        // (the first step after a start or a resume encodes them itself).
-        let mut encoded: Option<Vec<u8>> = None;
+        // The next step's parameters in wire form, written by the last step's SGD pass (the
+        // first step after a start or a resume encodes them itself); or, when the next step's
+        // round was opened before that pass (see below), when it was and its batch's size.
+        let mut next_params: Option<WireParams> = None;
+        let mut opened: Option<(Instant, u32)> = None;
         {
             let mut s = self.shared.status();
             s.total_steps = total;
@@ -122,24 +124,18 @@ impl Driver {
             if !self.wait_for_workers(self.min_workers, &shutdown).await? {
                 return self.interrupt(state, pending_save).await;
             }
-            let started = Instant::now();
             let step = state.step;
-            let batch = batcher.batch(step);
             // The batch size comes from here, never from what workers report.
-            let examples = batch.labels.len() as u32;
-            let data = StepData {
-                step,
-                params: encoded
-                    .take()
-                    .unwrap_or_else(|| common::codec::encode(self.job.wire, &state.params))
-                    .into(),
-                batch,
-                leaves: leaves.clone(),
-                seed: cfg.seed,
+            let (started, examples) = match opened.take() {
+                Some(opened) => opened,
+                None => {
+                    let params = next_params
+                        .take()
+                        .unwrap_or_else(|| WireParams::whole(self.job.wire, &state.params));
+                    let examples = self.open_round(step, &mut batcher, params, &leaves);
+                    (Instant::now(), examples)
+                }
             };
-            self.shared.set_step_data(Some(Arc::new(data)));
-            self.shared.core().begin_round(step, leaves.len() as u32);
-            self.shared.notify();
 
             let result = match self.wait_for_round(&shutdown).await? {
                 Round::Done(result) => result,
@@ -154,28 +150,44 @@ impl Driver {
                 }
             };
             let loss = result.loss_sum / f64::from(examples.max(1));
-            // A non-finite step fails the job; the state is not used (nor saved) again.
+            if !loss.is_finite() {
+                // A non-finite step fails the job; the state is not used (nor saved) again.
+                let why = "the loss is not finite";
+                return self
+                    .diverged(step, &format!("{loss}"), why, pending_save)
+                    .await;
+            }
+            // The next step's round opens before this step's SGD pass, its tasks streaming the
+            // parameters part by part as the pass writes them: a worker waits for the larger
+            // of the pass and the transfer, not for their sum. (Unless workers are missing:
+            // the next step then waits for them first, as the first does.)
+            let (writer, params) = WireParams::channel(self.job.wire);
+            let live = self.shared.core().live_workers();
+            if step + 1 < total && live >= self.min_workers && !shutdown.is_cancelled() {
+                let examples = self.open_round(step + 1, &mut batcher, params, &leaves);
+                opened = Some((Instant::now(), examples));
+            } else {
+                next_params = Some(params);
+            }
             let lr = cfg.lr_at(step, schedule.steps_per_epoch());
-            let applied = state.apply_and_encode(
-                &result.gradient,
-                examples,
-                lr,
-                cfg.clip_grad_norm,
-                self.job.wire,
-            );
-            // The workers' node sums (13 MB each) are not needed past the step.
-            drop(result);
+            let clip = cfg.clip_grad_norm;
+            // On a blocking thread, so that the runtime's threads send the parts meanwhile.
+            let (returned, applied) = tokio::task::spawn_blocking(move || {
+                let mut writer = writer;
+                let applied =
+                    state.apply_then(&result.gradient, examples, lr, clip, |p| writer.write(p));
+                if applied.is_ok() {
+                    writer.finish();
+                }
+                // The workers' node sums (13 MB each) are not needed past the step.
+                drop(result);
+                (state, applied)
+            })
+            .await?;
+            state = returned;
+            // A failed pass drops its writer unfinished: the next step's tasks end ABORTED.
             let grad_norm = match applied {
-                Ok((norm, params)) if loss.is_finite() => {
-                    encoded = Some(params);
-                    norm
-                }
-                Ok(_) => {
-                    let why = "the loss is not finite";
-                    return self
-                        .diverged(step, &format!("{loss}"), why, pending_save)
-                        .await;
-                }
+                Ok(norm) => norm,
                 Err(e) => {
                     let why = e.to_string();
                     return self
@@ -254,7 +266,7 @@ impl Driver {
         }
 
         // The last step's encoded parameters have no next step.
-        drop(encoded);
+        drop(next_params);
         if let Some(v) = validating.take() {
             self.report_validation(v).await?;
         }
@@ -302,6 +314,29 @@ impl Driver {
         }
         self.finish(why);
         anyhow::bail!(why.to_string())
+    }
+
+    /// Publishes step `step`'s batch and `params` and opens its round; the batch's size.
+    fn open_round(
+        &self,
+        step: u64,
+        batcher: &mut Batcher<'_>,
+        params: WireParams,
+        leaves: &[std::ops::Range<usize>],
+    ) -> u32 {
+        let batch = batcher.batch(step);
+        let examples = batch.labels.len() as u32;
+        let data = StepData {
+            step,
+            params,
+            batch,
+            leaves: leaves.to_vec(),
+            seed: self.job.train.seed,
+        };
+        self.shared.set_step_data(Some(Arc::new(data)));
+        self.shared.core().begin_round(step, leaves.len() as u32);
+        self.shared.notify();
+        examples
     }
 
     /// Waits until `n` workers are live. False when shut down first; an error past the deadline.

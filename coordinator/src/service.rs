@@ -3,15 +3,17 @@
 //! counted in status, and never stops training.
 
 use crate::core::{Accepted, CoreError, Submission, WorkerInfo};
-use crate::state::{Shared, StepData};
+use crate::state::{Abandoned, Shared, StepData, WireParams};
 use common::codec::{PartsDecoder, WireFormat};
 use common::tree::Node;
+use futures::{Stream, StreamExt};
 use proto::trainer_server::Trainer;
 use proto::{
     FailureReport, FailureResponse, GetWorkRequest, GetWorkResponse, HeartbeatRequest,
     HeartbeatResponse, NodeRange, RegisterRequest, RegisterResponse, Shutdown, SubmitRequest,
-    SubmitResponse, Task, Wait, get_work_response::Reply,
+    SubmitResponse, Task, TensorPart, Wait, get_work_response::Reply,
 };
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status, Streaming};
@@ -189,10 +191,9 @@ impl Trainer for TrainerService {
         Ok(Response::new(HeartbeatResponse {}))
     }
 
-    async fn get_work(
-        &self,
-        req: Request<GetWorkRequest>,
-    ) -> Result<Response<GetWorkResponse>, Status> {
+    type GetWorkStream = WorkStream;
+
+    async fn get_work(&self, req: Request<GetWorkRequest>) -> Result<Response<WorkStream>, Status> {
         let r = req.into_inner();
         let id = r.worker_id;
         self.check_incarnation(id, r.incarnation)?;
@@ -218,12 +219,12 @@ impl Trainer for TrainerService {
                     if a.backup {
                         info!(worker = id, step = a.step, leaves = ?a.leaves, "backup shard for a straggler");
                     }
+                    let params = self.shared.param_count * self.shared.wire.bytes_per_value();
                     self.shared.status().task_bytes_sent +=
-                        (data.params.len() + (last - first) * (px + 1)) as u64;
-                    return Ok(reply(Reply::Task(Task {
+                        (params + (last - first) * (px + 1)) as u64;
+                    let task = Task {
                         task_id: a.task_id,
                         step: a.step,
-                        params: data.params.clone(),
                         first_leaf: a.leaves.start,
                         leaf_sizes: a
                             .leaves
@@ -240,7 +241,13 @@ impl Trainer for TrainerService {
                             .map(|n| NodeRange { lo: n.lo, hi: n.hi })
                             .collect(),
                         seed: data.seed,
-                    })));
+                    };
+                    let first = GetWorkResponse {
+                        reply: Some(Reply::Task(task)),
+                    };
+                    let parts = param_parts(data.params.clone(), self.shared.wire);
+                    let stream = futures::stream::once(async { Ok(first) }).chain(parts);
+                    return Ok(Response::new(Box::pin(stream)));
                 }
             }
             if tokio::time::timeout_at(deadline, changed.changed())
@@ -444,6 +451,39 @@ fn check_gradient(
     }
 }
 
-fn reply(r: Reply) -> Response<GetWorkResponse> {
-    Response::new(GetWorkResponse { reply: Some(r) })
+/// The replies of one `GetWork` call.
+type WorkStream = Pin<Box<dyn Stream<Item = Result<GetWorkResponse, Status>> + Send>>;
+
+/// A one-message reply: a wait or a shutdown.
+fn reply(r: Reply) -> Response<WorkStream> {
+    let only = GetWorkResponse { reply: Some(r) };
+    Response::new(Box::pin(futures::stream::once(async { Ok(only) })))
+}
+
+/// `params` as the messages that follow a task: each part as soon as it is written, then the
+/// end; ABORTED instead when the parts stop coming (the step's SGD pass failed).
+fn param_parts(
+    params: WireParams,
+    format: WireFormat,
+) -> impl Stream<Item = Result<GetWorkResponse, Status>> {
+    let width = format.bytes_per_value();
+    // (the parameters, the next part's index and first value), or None after an abort
+    let start = Some((params, 0usize, 0u64));
+    futures::stream::unfold(start, move |at| async move {
+        let (mut params, index, offset) = at?;
+        match params.part(index).await {
+            Ok(Some(values)) => {
+                let next = offset + (values.len() / width) as u64;
+                let part = GetWorkResponse {
+                    reply: Some(Reply::Params(TensorPart { values, offset })),
+                };
+                Some((Ok(part), Some((params, index + 1, next))))
+            }
+            Ok(None) => None,
+            Err(Abandoned) => {
+                let why = "the step was abandoned before its parameters were whole";
+                Some((Err(Status::aborted(why)), None))
+            }
+        }
+    })
 }

@@ -4,6 +4,7 @@
 
 use crate::core::Core;
 use bytes::Bytes;
+use common::codec::WireFormat;
 use common::mnist::Split;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
@@ -13,12 +14,115 @@ use tokio::sync::watch;
 pub struct StepData {
     pub step: u64,
     /// Current parameters in wire form (`--wire-format`), encoded once per step: by the last
-    /// step's SGD pass (`TrainState::apply_and_encode`).
-    pub params: Bytes,
+    /// step's SGD pass, while tasks already stream them.
+    pub params: WireParams,
     pub batch: Split,
     /// Batch positions of each leaf.
     pub leaves: Vec<std::ops::Range<usize>>,
     pub seed: u64,
+}
+
+/// A step's parameters in wire form, as the parts its tasks stream (see `GetWork`): written
+/// part by part, by the last step's SGD pass, while tasks already send the parts written so far.
+/// This is the reading half; every task of the step clones it.
+#[derive(Debug, Clone)]
+pub struct WireParams {
+    written: watch::Receiver<Written>,
+}
+
+/// The writing half of [`WireParams`]. Dropped before [`ParamsWriter::finish`], it abandons
+/// them: their readers get [`Abandoned`] once they have read what was written.
+#[derive(Debug)]
+pub struct ParamsWriter {
+    format: WireFormat,
+    written: watch::Sender<Written>,
+    /// The part being filled: whole values, at most `part_len` bytes.
+    pending: Vec<u8>,
+    part_len: usize,
+}
+
+/// The parts written so far, and whether they are all.
+#[derive(Debug, Default)]
+struct Written {
+    parts: Vec<Bytes>,
+    whole: bool,
+}
+
+/// The writer of a step's parameters gave up (its SGD pass failed) before they were whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Abandoned;
+
+impl WireParams {
+    /// Parameters yet to be written, in `format`, and their writer.
+    pub fn channel(format: WireFormat) -> (ParamsWriter, WireParams) {
+        let (tx, rx) = watch::channel(Written::default());
+        let part_len =
+            proto::TENSOR_PART_BYTES / format.bytes_per_value() * format.bytes_per_value();
+        let writer = ParamsWriter {
+            format,
+            written: tx,
+            pending: Vec::with_capacity(part_len),
+            part_len,
+        };
+        (writer, WireParams { written: rx })
+    }
+
+    /// `values` in `format`, written at once.
+    pub fn whole(format: WireFormat, values: &[f32]) -> Self {
+        let (mut writer, params) = Self::channel(format);
+        writer.write(values);
+        writer.finish();
+        params
+    }
+
+    /// Part `index` (counted from 0) once it is written; `None` past the last part.
+    pub async fn part(&mut self, index: usize) -> Result<Option<Bytes>, Abandoned> {
+        loop {
+            {
+                let written = self.written.borrow_and_update();
+                if let Some(part) = written.parts.get(index) {
+                    return Ok(Some(part.clone()));
+                }
+                if written.whole {
+                    return Ok(None);
+                }
+            }
+            // An error once the writer is gone and everything it wrote has been seen.
+            if self.written.changed().await.is_err() {
+                return Err(Abandoned);
+            }
+        }
+    }
+}
+
+impl ParamsWriter {
+    /// Encodes the next `values`; each part goes out as soon as it is full.
+    pub fn write(&mut self, mut values: &[f32]) {
+        let width = self.format.bytes_per_value();
+        while !values.is_empty() {
+            let room = (self.part_len - self.pending.len()) / width;
+            let (now, later) = values.split_at(room.min(values.len()));
+            common::codec::encode_append(self.format, now, &mut self.pending);
+            if self.pending.len() == self.part_len {
+                self.send_pending();
+            }
+            values = later;
+        }
+    }
+
+    /// Sends the last part: the parameters are whole.
+    pub fn finish(mut self) {
+        if !self.pending.is_empty() {
+            self.send_pending();
+        }
+        self.written.send_modify(|w| w.whole = true);
+    }
+
+    fn send_pending(&mut self) {
+        let full = std::mem::replace(&mut self.pending, Vec::with_capacity(self.part_len));
+        let part = Bytes::from(full);
+        self.written.send_modify(|w| w.parts.push(part));
+    }
 }
 
 /// The job's lifecycle, as status reports it.
@@ -178,5 +282,53 @@ impl Shared {
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    #[tokio::test]
+    async fn tasks_read_each_part_once_it_is_written_and_the_end_once_all_are() {
+        let (mut writer, params) = WireParams::channel(WireFormat::F32);
+        let mut reader = params.clone();
+        let part_values = proto::TENSOR_PART_BYTES / 4;
+        let values: Vec<f32> = (0..2 * part_values + 3).map(|i| i as f32).collect();
+        writer.write(&values[..100]);
+        assert_eq!(reader.part(0).now_or_never(), None, "no whole part yet");
+        writer.write(&values[100..]);
+        let first = reader.part(0).await.unwrap().unwrap();
+        let second = reader.part(1).await.unwrap().unwrap();
+        assert_eq!(
+            (first.len(), second.len()),
+            (4 * part_values, 4 * part_values)
+        );
+        assert_eq!(
+            reader.part(2).now_or_never(),
+            None,
+            "the last part is not full"
+        );
+        writer.finish();
+        let last = reader.part(2).await.unwrap().unwrap();
+        assert_eq!(reader.part(3).await, Ok(None));
+        let read = [first, second, last].concat();
+        assert_eq!(read, common::codec::encode(WireFormat::F32, &values));
+        // A task that starts late reads the same parts.
+        let mut late = params.clone();
+        assert_eq!(
+            late.part(2).await,
+            Ok(Some(read[8 * part_values..].to_vec().into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_gives_up_abandons_the_parameters_after_what_it_wrote() {
+        let (mut writer, mut reader) = WireParams::channel(WireFormat::Bf16);
+        writer.write(&vec![0.0; proto::TENSOR_PART_BYTES / 2 + 1]);
+        drop(writer);
+        assert!(matches!(reader.part(0).await, Ok(Some(_))));
+        assert_eq!(reader.part(1).await, Err(Abandoned));
     }
 }

@@ -13,21 +13,22 @@ pub use generated::*;
 
 pub mod transport;
 
+use prost::bytes::{Bytes, BytesMut};
+
 /// Encoded `FileDescriptorSet` of `dtrain.proto`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dtrain_descriptor");
 
 /// Bumped on any incompatible change of the contract. A worker whose version differs is refused
 /// at registration with `FAILED_PRECONDITION`.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
-/// The largest gRPC message either side accepts or sends: 64 MiB. A task carries one parameter
-/// vector (13.1 MB for the seed convnet) plus at most a batch of images (785 bytes each); a
-/// submission streams each reduction-tree node's gradient in parts ([`gradient_parts`]). The
-/// coordinator checks both sizes for its job at start ([`largest_task_bytes`],
-/// [`largest_submission_part_bytes`]); no valid job comes near the bound (the largest, the
-/// seed convnet with all 55,000 training images in one batch of one-image micro-batches sent
-/// to one worker, is 58 MB: a unit test in the coordinator checks it). Anything larger is
-/// refused by tonic with `OUT_OF_RANGE` before it is buffered whole.
+/// The largest gRPC message either side accepts or sends: 64 MiB. Tensors travel in parts of
+/// [`TENSOR_PART_BYTES`] (a task's parameters after it, see [`receive_work`]; a submission's
+/// gradients, see [`gradient_parts`]), so the bound is for a task's images: the coordinator checks
+/// both sizes for its job at start ([`largest_task_bytes`], [`largest_submission_part_bytes`]);
+/// no valid job comes near the bound (the largest, all 55,000 training images in one batch of
+/// one-image micro-batches sent to one worker, is 45 MB: a unit test in the coordinator checks
+/// it). Anything larger is refused by tonic with `OUT_OF_RANGE` before it is buffered whole.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Protobuf framing around the tensors of one message (tags, lengths, the header fields), and
@@ -35,22 +36,21 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 const FRAMING_BYTES: usize = 1024;
 const FRAMING_BYTES_PER_LEAF: usize = 16;
 
-/// An upper bound of the encoded size of a task for a model of `params` parameters whose shard
+/// An upper bound of the encoded size of a task (its parameters follow it in parts) whose shard
 /// holds `images` images in `leaves` micro-batches (a whole batch at worst).
-pub fn largest_task_bytes(params: usize, images: usize, leaves: usize) -> usize {
-    params * 4 + images * (784 + 1) + leaves * 2 * FRAMING_BYTES_PER_LEAF + FRAMING_BYTES
+pub fn largest_task_bytes(images: usize, leaves: usize) -> usize {
+    images * (784 + 1) + leaves * 2 * FRAMING_BYTES_PER_LEAF + FRAMING_BYTES
 }
 
-/// The most gradient bytes a worker puts in one message of a submission (see
-/// [`gradient_parts`]): 1 MiB, the HTTP/2 frame size, so a part is one frame on the wire and the
-/// coordinator decodes each while the next is in flight.
-pub const GRADIENT_PART_BYTES: usize = 1024 * 1024;
+/// The most tensor bytes in one message: 1 MiB, the HTTP/2 frame size, so a part is one frame on
+/// the wire and the receiver decodes (or copies) each while the next is in flight.
+pub const TENSOR_PART_BYTES: usize = 1024 * 1024;
 
 /// A node's whole gradient (`whole`, in a wire format of `value_bytes` bytes per value) as the
-/// parts of a submission: slices of at most [`GRADIENT_PART_BYTES`] (whole values, sharing its
+/// parts of a submission: slices of at most [`TENSOR_PART_BYTES`] (whole values, sharing its
 /// memory), each with its offset, the loss on the first.
 pub fn gradient_parts(whole: NodeGradient, value_bytes: usize) -> Vec<NodeGradient> {
-    let part_len = GRADIENT_PART_BYTES / value_bytes * value_bytes;
+    let part_len = TENSOR_PART_BYTES / value_bytes * value_bytes;
     let gradient = &whole.gradient;
     let starts = (0..gradient.len().max(1)).step_by(part_len);
     starts
@@ -64,9 +64,93 @@ pub fn gradient_parts(whole: NodeGradient, value_bytes: usize) -> Vec<NodeGradie
 }
 
 /// An upper bound of the encoded size of one message of a submission: at most one node's
-/// whole gradient (workers send parts of [`GRADIENT_PART_BYTES`]; the bound allows a whole node).
+/// whole gradient (workers send parts of [`TENSOR_PART_BYTES`]; the bound allows a whole node).
 pub fn largest_submission_part_bytes(params: usize) -> usize {
     params * 4 + FRAMING_BYTES
+}
+
+impl WireFormat {
+    /// How many bytes a value takes on the wire.
+    pub fn bytes_per_value(self) -> usize {
+        match self {
+            WireFormat::F32 => 4,
+            WireFormat::Bf16 => 2,
+        }
+    }
+}
+
+/// What a `GetWork` call brought.
+#[derive(Debug)]
+pub enum Work {
+    /// A task and its parameters, whole, in the job's wire format.
+    Task(Task, Bytes),
+    /// Nothing to do yet: ask again.
+    Wait,
+    /// The job is over, for this reason.
+    Shutdown(String),
+}
+
+/// Reads the reply stream of a `GetWork` call: its first message, and after a task the parts of
+/// its parameters (`values` values of `value_bytes` bytes), gathered into one buffer as they
+/// come, each part copied while the next is on the wire. A stream that breaks the protocol (a
+/// part out of order or past the end, the vector not whole at the end) is an `INTERNAL` error;
+/// a step abandoned while its parameters were streaming ends the call with `ABORTED`.
+pub async fn receive_work(
+    replies: &mut tonic::Streaming<GetWorkResponse>,
+    values: usize,
+    value_bytes: usize,
+) -> Result<Work, tonic::Status> {
+    use get_work_response::Reply;
+    let task = match replies.message().await? {
+        Some(GetWorkResponse {
+            reply: Some(Reply::Task(task)),
+        }) => task,
+        Some(GetWorkResponse {
+            reply: Some(Reply::Shutdown(s)),
+        }) => return Ok(Work::Shutdown(s.reason)),
+        Some(GetWorkResponse {
+            reply: Some(Reply::Wait(_)) | None,
+        }) => return Ok(Work::Wait),
+        Some(GetWorkResponse {
+            reply: Some(Reply::Params(_)),
+        }) => {
+            return Err(tonic::Status::internal(
+                "GetWork sent parameters before a task",
+            ));
+        }
+        None => return Err(tonic::Status::internal("GetWork ended without a reply")),
+    };
+    let whole = values * value_bytes;
+    let mut params = BytesMut::with_capacity(whole);
+    while let Some(message) = replies.message().await? {
+        let Some(Reply::Params(part)) = message.reply else {
+            return Err(tonic::Status::internal(
+                "GetWork sent something other than parameters after a task",
+            ));
+        };
+        let have = params.len();
+        let in_order = part.offset.checked_mul(value_bytes as u64) == Some(have as u64);
+        if !in_order
+            || have + part.values.len() > whole
+            || !part.values.len().is_multiple_of(value_bytes)
+        {
+            return Err(tonic::Status::internal(format!(
+                "a part of the task's parameters of {} bytes at value {}, after {} of {values} values: \
+                 parts come in order, whole values, until the vector is whole",
+                part.values.len(),
+                part.offset,
+                have / value_bytes
+            )));
+        }
+        params.extend_from_slice(&part.values);
+    }
+    if params.len() != whole {
+        return Err(tonic::Status::internal(format!(
+            "the task's parameters ended after {} of {whole} bytes",
+            params.len()
+        )));
+    }
+    Ok(Work::Task(task, params.freeze()))
 }
 
 /// HTTP/2 flow-control windows for the channels that carry tensors. The defaults (64 KiB) make a
@@ -82,7 +166,6 @@ pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::bytes::Bytes;
 
     #[test]
     fn a_gradient_is_cut_into_whole_value_parts_that_share_its_memory() {
@@ -94,18 +177,18 @@ mod tests {
             loss_sum: 3.5,
             offset: 0,
         };
-        let bytes = Bytes::from(vec![7u8; GRADIENT_PART_BYTES * 5 / 2]);
+        let bytes = Bytes::from(vec![7u8; TENSOR_PART_BYTES * 5 / 2]);
         let parts = gradient_parts(whole(bytes.clone()), 4);
         let offsets: Vec<u64> = parts.iter().map(|p| p.offset).collect();
-        let values = (GRADIENT_PART_BYTES / 4) as u64;
+        let values = (TENSOR_PART_BYTES / 4) as u64;
         assert_eq!(offsets, [0, values, 2 * values]);
-        assert_eq!(parts[2].gradient.len(), GRADIENT_PART_BYTES / 2);
+        assert_eq!(parts[2].gradient.len(), TENSOR_PART_BYTES / 2);
         assert_eq!(parts.iter().map(|p| p.loss_sum).sum::<f64>(), 3.5);
         assert_eq!(parts[0].loss_sum, 3.5);
         assert!(parts.iter().all(|p| p.node == Some(node)));
         assert_eq!(
             parts[1].gradient.as_ptr(),
-            bytes[GRADIENT_PART_BYTES..].as_ptr()
+            bytes[TENSOR_PART_BYTES..].as_ptr()
         );
         let bf16 = gradient_parts(whole(Bytes::from(vec![0u8; 6])), 2);
         assert_eq!((bf16.len(), bf16[0].gradient.len()), (1, 6));

@@ -192,7 +192,7 @@ fn main() {
     let fused = time(rounds, || {
         let mut d = common::codec::PartsDecoder::new(WireFormat::F32, n);
         // In the parts a worker sends.
-        for part in black_box(&bytes).chunks(proto::GRADIENT_PART_BYTES) {
+        for part in black_box(&bytes).chunks(proto::TENSOR_PART_BYTES) {
             d.push(part).unwrap();
         }
         black_box(d.finish().unwrap());

@@ -4,10 +4,11 @@
 //! only what the distributed step adds to the computing: the task down, the gradients up, the
 //! coordinator's decode, reduction, SGD and encode. Printed per direction in GB/s, against a
 //! plain memcpy of the same bytes and the same bytes over a bare loopback TCP socket, both
-//! measured in this run. The download's time runs from the reply's headers to its last byte
-//! (the coordinator's encode, the bytes in flight, the worker's receive): a worker asks for the
-//! next step as soon as it has answered, so the time from the ask also holds the wait for the
-//! coordinator's reduction and SGD, printed beside it. The upload's runs from the call to its
+//! measured in this run. The download's time runs from the reply's headers to its last byte:
+//! the parameters stream while the coordinator's SGD pass writes them (protocol 6), so it holds
+//! that pass, the bytes in flight and the worker's receive; a worker asks for the next step as
+//! soon as it has answered, so the time from the ask also holds the wait for the coordinator's
+//! reduction, printed beside it. The upload's runs from the call to its
 //! answer (the worker's encode, the bytes, the coordinator's receive, decode and checks).
 //!
 //!   cargo run -p cluster-tests --example transport [-- STEPS [FLAGS]]  (default 60; 1, 2, 4 workers)
@@ -21,8 +22,7 @@
 
 use bytes::Bytes;
 use cluster_tests::*;
-use proto::get_work_response::Reply;
-use proto::{GetWorkRequest, NodeGradient, RegisterRequest, SubmitRequest};
+use proto::{GetWorkRequest, NodeGradient, RegisterRequest, SubmitRequest, Work};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
@@ -94,30 +94,30 @@ async fn null_worker(url: String, name: String, steps: u64) -> anyhow::Result<Se
         .await?
         .into_inner();
     // Encoded once: a Bytes clone shares it, as a real worker's encoded sum is sent as is.
-    let width = match reg.wire_format() {
-        proto::WireFormat::F32 => 4,
-        proto::WireFormat::Bf16 => 2,
-    };
+    let width = reg.wire_format().bytes_per_value();
+    let values = reg.parameter_count as usize;
     let zeros = Bytes::from(vec![0u8; reg.parameter_count as usize * width]);
     let mut seen = Seen::default();
     loop {
         let asked = Instant::now();
-        let reply = client
+        let mut replies = client
             .get_work(GetWorkRequest {
                 worker_id: reg.worker_id,
                 incarnation: reg.incarnation,
             })
-            .await?;
+            .await?
+            .into_inner();
+        let work = proto::receive_work(&mut replies, values, width).await?;
         let got = asked.elapsed().as_secs_f64();
         let headers = headers_at.lock().expect("not poisoned").take();
         let in_flight = headers.map_or(got, |h| h.elapsed().as_secs_f64());
-        let task = match reply.into_inner().reply {
-            Some(Reply::Task(t)) => t,
-            Some(Reply::Shutdown(_)) => return Ok(seen),
-            _ => continue,
+        let (task, params) = match work {
+            Work::Task(task, params) => (task, params),
+            Work::Shutdown(_) => return Ok(seen),
+            Work::Wait => continue,
         };
         let timed = task.step >= WARMUP && task.step < WARMUP + steps;
-        let task_bytes = (task.params.len() + task.images.len() + task.labels.len()) as f64;
+        let task_bytes = (params.len() + task.images.len() + task.labels.len()) as f64;
         // As a real worker sends them: each node's gradient in parts.
         let parts: Vec<SubmitRequest> = task
             .nodes

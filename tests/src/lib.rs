@@ -571,25 +571,26 @@ pub fn material(tls: &Path, role: Role) -> Material {
     .expect("TLS material")
 }
 
-/// Long-polls `GetWork` as a test client registered as `worker_id` until it is handed a task;
-/// panics after a minute.
+/// Long-polls `GetWork` as the test client registered as `reg` until it is handed a task (its
+/// parameters read whole and dropped); panics after a minute.
 pub async fn take_shard(
     client: &mut proto::trainer_client::TrainerClient<AuthChannel>,
-    worker_id: u64,
-    incarnation: u64,
+    reg: &proto::RegisterResponse,
 ) -> proto::Task {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let reply = client
+        let mut replies = client
             .get_work(proto::GetWorkRequest {
-                worker_id,
-                incarnation,
+                worker_id: reg.worker_id,
+                incarnation: reg.incarnation,
             })
             .await
             .expect("GetWork")
-            .into_inner()
-            .reply;
-        if let Some(proto::get_work_response::Reply::Task(task)) = reply {
+            .into_inner();
+        let values = reg.parameter_count as usize;
+        let width = reg.wire_format().bytes_per_value();
+        let work = proto::receive_work(&mut replies, values, width).await;
+        if let proto::Work::Task(task, _) = work.expect("a whole reply to GetWork") {
             return task;
         }
         assert!(Instant::now() < deadline, "no shard for the test client");

@@ -380,7 +380,7 @@ async fn hostile_client(name: &str, tls: bool) {
     );
 
     // Take a shard as a worker would.
-    let task = take_shard(&mut client, me, incarnation).await;
+    let task = take_shard(&mut client, &reg).await;
     let zeros = vec![0.0f32; n];
 
     expect(

@@ -231,7 +231,7 @@ async fn a_gradient_over_the_norm_bound_is_refused_and_changes_nothing() {
         .unwrap()
         .into_inner();
     let _w = start_worker(&dir, "worker", &url, &[]).unwrap();
-    let task = take_shard(&mut client, reg.worker_id, reg.incarnation).await;
+    let task = take_shard(&mut client, &reg).await;
     let mut poisoned = vec![0.0f32; reg.parameter_count as usize];
     poisoned[7] = 1e30;
     let bytes: Vec<u8> = common::codec::encode_f32(&poisoned);

@@ -6,18 +6,18 @@
 //! restarted coordinator gets its workers back) until `--reconnect-timeout` runs out.
 
 use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
 use clap::Parser;
 use common::codec::WireFormat;
 use common::engine::{BackendKind, Engine, MicroBatch, Params, Phases};
 use common::model::{ModelKind, ModelSpec, Pool};
 use common::schedule::Schedule;
 use common::tree::Node;
-use proto::get_work_response::Reply;
 use proto::trainer_client::TrainerClient;
 use proto::transport::{AuthChannel, ClientSecurity, Role, SecurityArgs, TransportError};
 use proto::{
     FailureKind, FailureReport, GetWorkRequest, HeartbeatRequest, NodeGradient, NodeRange,
-    RegisterRequest, SubmitRequest, Task,
+    RegisterRequest, SubmitRequest, Task, Work,
 };
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -412,18 +412,22 @@ async fn work(
                 times.log();
                 return Ok(());
             }
-            r = client.get_work(GetWorkRequest {
-                worker_id: me.id,
-                incarnation: me.incarnation,
-            }) => r?.into_inner().reply,
+            r = ask_for_work(client, me, engine.param_count()) => r,
         };
-        let task = match reply {
-            Some(Reply::Task(task)) => task,
-            Some(Reply::Wait(_)) | None => continue,
-            Some(Reply::Shutdown(s)) => {
-                info!(reason = s.reason, shards = answered, "job over; exiting");
+        let (task, params) = match reply {
+            Ok(Work::Task(task, params)) => (task, params),
+            Ok(Work::Wait) => continue,
+            Ok(Work::Shutdown(reason)) => {
+                info!(reason, shards = answered, "job over; exiting");
                 times.log();
                 return Ok(());
+            }
+            // The step was abandoned while its parameters came (the job is failing or
+            // stopping): ask again, to hear why.
+            Err(s) => {
+                ignore_races(s)?;
+                asked = Instant::now();
+                continue;
             }
         };
         let wait = asked.elapsed();
@@ -438,7 +442,8 @@ async fn work(
                 )));
             }
             let mut compute_times = ComputeTimes::default();
-            compute(&e, &task, me.wire, &mut compute_times).map(|nodes| (nodes, compute_times))
+            compute(&e, &task, &params, me.wire, &mut compute_times)
+                .map(|nodes| (nodes, compute_times))
         })
         .await
         .unwrap_or_else(|panic| {
@@ -506,6 +511,26 @@ async fn work(
     }
 }
 
+/// One `GetWork` call: its reply, and for a task its parameters (`values` values), whole. The
+/// call's deadline covers the parameters too.
+async fn ask_for_work(
+    client: &mut TrainerClient<AuthChannel>,
+    me: Me,
+    values: usize,
+) -> Result<Work, Status> {
+    let asked = async {
+        let request = GetWorkRequest {
+            worker_id: me.id,
+            incarnation: me.incarnation,
+        };
+        let mut replies = client.get_work(request).await?.into_inner();
+        proto::receive_work(&mut replies, values, me.wire.bytes_per_value()).await
+    };
+    tokio::time::timeout(CALL_TIMEOUT, asked)
+        .await
+        .unwrap_or_else(|_| Err(Status::deadline_exceeded("GetWork took too long")))
+}
+
 /// Swallows the answer to a call about a step that is already over (we were declared lost and
 /// the step moved on): just ask for work again.
 fn ignore_races(s: Status) -> Result<(), Status> {
@@ -517,11 +542,12 @@ fn ignore_races(s: Status) -> Result<(), Status> {
     }
 }
 
-/// Computes a task's node gradients; tensors come and go in `wire` format. Adds where the time
-/// went to `times`.
+/// Computes a task's node gradients at `params`; tensors come and go in `wire` format. Adds
+/// where the time went to `times`.
 pub fn compute(
     engine: &Engine,
     task: &Task,
+    params: &Bytes,
     wire: WireFormat,
     times: &mut ComputeTimes,
 ) -> Result<Vec<NodeGradient>, WorkerError> {
@@ -531,8 +557,8 @@ pub fn compute(
     let params = match wire {
         // The bytes as they came: the engine takes them with as few copies as its backend
         // allows (libtorch: none before its own).
-        WireFormat::F32 if task.params.len() == n * 4 => Params::LeF32(task.params.clone()),
-        _ => common::codec::decode(wire, &task.params, n)
+        WireFormat::F32 if params.len() == n * 4 => Params::LeF32(params.clone()),
+        _ => common::codec::decode(wire, params, n)
             .map_err(|e| bad(format!("parameters: {e}")))?
             .into(),
     };
