@@ -173,9 +173,10 @@ impl TrainState {
     }
 
     /// [`TrainState::apply`], and the new parameters encoded in `wire`, each block right after
-    /// the step wrote it (while in cache), as the coordinator's step encodes them for the next
-    /// step's tasks (through [`TrainState::apply_then`]): it reads the parameters once instead
-    /// of once more to encode them.
+    /// the step wrote it (while in cache): it reads the parameters once instead of once more to
+    /// encode them. The coordinator's step does the same through [`TrainState::apply_then`],
+    /// sending the blocks in parts as it goes; this whole-vector form is for `step_profile` and
+    /// the tests.
     pub fn apply_and_encode(
         &mut self,
         sum: &(impl Gradient + ?Sized),

@@ -1,6 +1,7 @@
 //! The training driver: the one task that owns the parameters. Each step it publishes the batch
-//! and parameters, opens a round, waits (with deadlines) for the workers' gradients, applies
-//! SGD, starts a validation (off the critical path), checkpoints and reports. Everything a
+//! and parameters, opens a round, waits (with deadlines) for the workers' gradients, opens the
+//! next step's round, applies SGD (whose new parameters that round's tasks stream as they are
+//! written), starts a validation (off the critical path), checkpoints and reports. Everything a
 //! worker does reaches it through the round state machine in [`crate::core`].
 
 use crate::args::JobConfig;
@@ -45,6 +46,14 @@ enum Round {
     Diverged(String),
     /// The job cannot go on (no worker for too long, or the launcher said so); the reason.
     Failed(String),
+}
+
+/// A step whose round was opened before the last step's SGD pass.
+struct Opened {
+    /// Its batch's size.
+    examples: u32,
+    /// When its time starts: when the last step's ended.
+    clock: Instant,
 }
 
 /// How a job ended.
@@ -97,10 +106,10 @@ impl Driver {
         let mut validating: Option<Validation> = None;
         let mut loss_watch = LossWatch::default();
         // The next step's parameters in wire form, written by the last step's SGD pass (the
-        // first step after a start or a resume encodes them itself); or, when the next step's
-        // round was opened before that pass (see below), when it was and its batch's size.
+        // first step after a start or a resume encodes them itself).
         let mut next_params: Option<WireParams> = None;
-        let mut opened: Option<(Instant, u32)> = None;
+        // The next step's round, when it was opened before the last step's SGD pass (see below).
+        let mut opened: Option<Opened> = None;
         {
             let mut s = self.shared.status();
             s.total_steps = total;
@@ -127,7 +136,7 @@ impl Driver {
             let step = state.step;
             // The batch size comes from here, never from what workers report.
             let (started, examples) = match opened.take() {
-                Some(opened) => opened,
+                Some(o) => (o.clock, o.examples),
                 None => {
                     let params = next_params
                         .take()
@@ -165,14 +174,17 @@ impl Driver {
             let live = self.shared.core().live_workers();
             if step + 1 < total && live >= self.min_workers && !shutdown.is_cancelled() {
                 let examples = self.open_round(step + 1, &mut batcher, params, &leaves);
-                opened = Some((Instant::now(), examples));
+                opened = Some(Opened {
+                    examples,
+                    clock: Instant::now(),
+                });
             } else {
                 next_params = Some(params);
             }
             let lr = cfg.lr_at(step, schedule.steps_per_epoch());
             let clip = cfg.clip_grad_norm;
             // On a blocking thread, so that the runtime's threads send the parts meanwhile.
-            let (returned, applied) = tokio::task::spawn_blocking(move || {
+            let pass = tokio::task::spawn_blocking(move || {
                 let mut writer = writer;
                 let applied =
                     state.apply_then(&result.gradient, examples, lr, clip, |p| writer.write(p));
@@ -182,8 +194,14 @@ impl Driver {
                 // The workers' node sums (13 MB each) are not needed past the step.
                 drop(result);
                 (state, applied)
-            })
-            .await?;
+            });
+            let (returned, applied) = match pass.await {
+                Ok(done) => done,
+                Err(panic) => {
+                    let why = format!("the SGD step panicked: {panic}");
+                    return self.fail(&why, pending_save).await;
+                }
+            };
             state = returned;
             // A failed pass drops its writer unfinished: the next step's tasks end ABORTED.
             let grad_norm = match applied {
@@ -196,7 +214,13 @@ impl Driver {
                 }
             };
             loss_watch.step(loss);
-            let elapsed = started.elapsed().as_secs_f64();
+            // Steps are timed back to back (their times add up to the wall time): a next step
+            // opened before this one's pass starts its clock when this one stops it.
+            let stopped = Instant::now();
+            let elapsed = (stopped - started).as_secs_f64();
+            if let Some(o) = opened.as_mut() {
+                o.clock = stopped;
+            }
 
             let (epoch, pos) = schedule.locate(step);
             let epoch_end = pos + 1 == schedule.steps_per_epoch();
@@ -309,10 +333,12 @@ impl Driver {
     async fn fail(&self, why: &str, pending: Option<JoinHandle<()>>) -> anyhow::Result<Outcome> {
         tracing::error!("{why}");
         self.set_state(JobState::Failed(why.to_string()));
+        // Workers hear it at once, not after the checkpoint write: the next step's round may be
+        // open already (with parameters its failed pass abandoned).
+        self.finish(why);
         if let Some(h) = pending {
             let _ = h.await;
         }
-        self.finish(why);
         anyhow::bail!(why.to_string())
     }
 

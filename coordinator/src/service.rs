@@ -219,9 +219,9 @@ impl Trainer for TrainerService {
                     if a.backup {
                         info!(worker = id, step = a.step, leaves = ?a.leaves, "backup shard for a straggler");
                     }
-                    let params = self.shared.param_count * self.shared.wire.bytes_per_value();
+                    let param_bytes = self.shared.param_count * self.shared.wire.bytes_per_value();
                     self.shared.status().task_bytes_sent +=
-                        (params + (last - first) * (px + 1)) as u64;
+                        (param_bytes + (last - first) * (px + 1)) as u64;
                     let task = Task {
                         task_id: a.task_id,
                         step: a.step,
@@ -466,18 +466,36 @@ fn param_parts(
     params: WireParams,
     format: WireFormat,
 ) -> impl Stream<Item = Result<GetWorkResponse, Status>> {
+    /// Where the stream is: the next part's index and its first value.
+    struct Next {
+        params: WireParams,
+        index: usize,
+        offset: u64,
+    }
     let width = format.bytes_per_value();
-    // (the parameters, the next part's index and first value), or None after an abort
-    let start = Some((params, 0usize, 0u64));
-    futures::stream::unfold(start, move |at| async move {
-        let (mut params, index, offset) = at?;
+    let start = Next {
+        params,
+        index: 0,
+        offset: 0,
+    };
+    // `None` once the stream has ended with an error.
+    futures::stream::unfold(Some(start), move |next| async move {
+        let Next {
+            mut params,
+            index,
+            offset,
+        } = next?;
         match params.part(index).await {
             Ok(Some(values)) => {
-                let next = offset + (values.len() / width) as u64;
+                let after = Next {
+                    offset: offset + (values.len() / width) as u64,
+                    index: index + 1,
+                    params,
+                };
                 let part = GetWorkResponse {
                     reply: Some(Reply::Params(TensorPart { values, offset })),
                 };
-                Some((Ok(part), Some((params, index + 1, next))))
+                Some((Ok(part), Some(after)))
             }
             Ok(None) => None,
             Err(Abandoned) => {
@@ -486,4 +504,48 @@ fn param_parts(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    /// The offset and length of each part of a stream, or the code it ended with.
+    async fn parts(
+        params: WireParams,
+        format: WireFormat,
+    ) -> Vec<Result<(u64, usize), tonic::Code>> {
+        let replies: Vec<_> = param_parts(params, format).collect().await;
+        replies
+            .into_iter()
+            .map(|r| match r {
+                Ok(GetWorkResponse {
+                    reply: Some(Reply::Params(p)),
+                }) => Ok((p.offset, p.values.len())),
+                Ok(other) => panic!("not a part: {other:?}"),
+                Err(status) => Err(status.code()),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_task_streams_every_part_with_its_offset_then_ends() {
+        let values = proto::TENSOR_PART_BYTES / 2;
+        let params = WireParams::whole(WireFormat::Bf16, &vec![1.0; 2 * values + 3]);
+        let got = parts(params, WireFormat::Bf16).await;
+        let p = proto::TENSOR_PART_BYTES;
+        let v = values as u64;
+        assert_eq!(got, [Ok((0, p)), Ok((v, p)), Ok((2 * v, 6))]);
+    }
+
+    #[tokio::test]
+    async fn a_task_whose_pass_gives_up_gets_the_parts_written_then_aborted() {
+        let (mut writer, params) = WireParams::channel(WireFormat::F32);
+        writer.write(&vec![1.0; proto::TENSOR_PART_BYTES / 4 + 1]);
+        drop(writer);
+        let got = parts(params, WireFormat::F32).await;
+        let aborted = Err(tonic::Code::Aborted);
+        assert_eq!(got, [Ok((0, proto::TENSOR_PART_BYTES)), aborted]);
+    }
 }

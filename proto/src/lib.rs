@@ -120,37 +120,66 @@ pub async fn receive_work(
         }
         None => return Err(tonic::Status::internal("GetWork ended without a reply")),
     };
-    let whole = values * value_bytes;
-    let mut params = BytesMut::with_capacity(whole);
+    let mut params = Gather::new(values, value_bytes);
     while let Some(message) = replies.message().await? {
         let Some(Reply::Params(part)) = message.reply else {
             return Err(tonic::Status::internal(
                 "GetWork sent something other than parameters after a task",
             ));
         };
-        let have = params.len();
-        let in_order = part.offset.checked_mul(value_bytes as u64) == Some(have as u64);
+        params.push(&part)?;
+    }
+    Ok(Work::Task(task, params.finish()?))
+}
+
+/// A task's parameters gathered from their parts (see [`receive_work`]).
+struct Gather {
+    params: BytesMut,
+    values: usize,
+    value_bytes: usize,
+}
+
+impl Gather {
+    fn new(values: usize, value_bytes: usize) -> Self {
+        Gather {
+            params: BytesMut::with_capacity(values * value_bytes),
+            values,
+            value_bytes,
+        }
+    }
+
+    /// Adds the next part, refusing one out of order, of partial values or past the end.
+    fn push(&mut self, part: &TensorPart) -> Result<(), tonic::Status> {
+        let have = self.params.len();
+        let in_order = part.offset.checked_mul(self.value_bytes as u64) == Some(have as u64);
         if !in_order
-            || have + part.values.len() > whole
-            || !part.values.len().is_multiple_of(value_bytes)
+            || have + part.values.len() > self.values * self.value_bytes
+            || !part.values.len().is_multiple_of(self.value_bytes)
         {
             return Err(tonic::Status::internal(format!(
-                "a part of the task's parameters of {} bytes at value {}, after {} of {values} values: \
+                "a part of the task's parameters of {} bytes at value {}, after {} of {} values: \
                  parts come in order, whole values, until the vector is whole",
                 part.values.len(),
                 part.offset,
-                have / value_bytes
+                have / self.value_bytes,
+                self.values
             )));
         }
-        params.extend_from_slice(&part.values);
+        self.params.extend_from_slice(&part.values);
+        Ok(())
     }
-    if params.len() != whole {
-        return Err(tonic::Status::internal(format!(
-            "the task's parameters ended after {} of {whole} bytes",
-            params.len()
-        )));
+
+    /// The whole vector, refusing one that is not.
+    fn finish(self) -> Result<Bytes, tonic::Status> {
+        let whole = self.values * self.value_bytes;
+        if self.params.len() != whole {
+            return Err(tonic::Status::internal(format!(
+                "the task's parameters ended after {} of {whole} bytes",
+                self.params.len()
+            )));
+        }
+        Ok(self.params.freeze())
     }
-    Ok(Work::Task(task, params.freeze()))
 }
 
 /// HTTP/2 flow-control windows for the channels that carry tensors. The defaults (64 KiB) make a
@@ -166,6 +195,37 @@ pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn part(offset: u64, bytes: usize) -> TensorPart {
+        let values = (0..bytes).map(|b| b as u8).collect::<Vec<u8>>().into();
+        TensorPart { values, offset }
+    }
+
+    #[test]
+    fn parameters_are_gathered_from_parts_in_order_until_whole() {
+        let mut gather = Gather::new(5, 4);
+        gather.push(&part(0, 12)).unwrap();
+        gather.push(&part(3, 8)).unwrap();
+        let whole = gather.finish().unwrap();
+        assert_eq!(whole.len(), 20);
+        assert_eq!(&whole[12..], &part(3, 8).values[..]);
+    }
+
+    #[test]
+    fn parts_out_of_order_of_partial_values_past_the_end_or_short_are_refused() {
+        let refused = |parts: &[TensorPart]| {
+            let mut gather = Gather::new(5, 4);
+            let pushed: Result<(), tonic::Status> = parts.iter().try_for_each(|p| gather.push(p));
+            let status = pushed.and_then(|()| gather.finish().map(drop)).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Internal);
+            status.message().to_string()
+        };
+        assert!(refused(&[part(1, 4)]).contains("at value 1, after 0 of 5"));
+        assert!(refused(&[part(0, 8), part(1, 4)]).contains("in order"));
+        assert!(refused(&[part(0, 6)]).contains("whole values"));
+        assert!(refused(&[part(0, 16), part(4, 8)]).contains("of 8 bytes at value 4"));
+        assert!(refused(&[part(0, 16)]).contains("ended after 16 of 20 bytes"));
+    }
 
     #[test]
     fn a_gradient_is_cut_into_whole_value_parts_that_share_its_memory() {

@@ -577,24 +577,29 @@ pub async fn take_shard(
     client: &mut proto::trainer_client::TrainerClient<AuthChannel>,
     reg: &proto::RegisterResponse,
 ) -> proto::Task {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut replies = client
-            .get_work(proto::GetWorkRequest {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let values = reg.parameter_count as usize;
+    let width = reg.wire_format().bytes_per_value();
+    let take = async {
+        loop {
+            let request = proto::GetWorkRequest {
                 worker_id: reg.worker_id,
                 incarnation: reg.incarnation,
-            })
-            .await
-            .expect("GetWork")
-            .into_inner();
-        let values = reg.parameter_count as usize;
-        let width = reg.wire_format().bytes_per_value();
-        let work = proto::receive_work(&mut replies, values, width).await;
-        if let proto::Work::Task(task, _) = work.expect("a whole reply to GetWork") {
-            return task;
+            };
+            let mut replies = client
+                .get_work(request)
+                .await
+                .expect("GetWork")
+                .into_inner();
+            let work = proto::receive_work(&mut replies, values, width).await;
+            if let proto::Work::Task(task, _) = work.expect("a whole reply to GetWork") {
+                return task;
+            }
         }
-        assert!(Instant::now() < deadline, "no shard for the test client");
-    }
+    };
+    tokio::time::timeout_at(deadline, take)
+        .await
+        .expect("no shard for the test client within a minute")
 }
 
 /// Polls the status until `f` holds; panics with the last status after `within`.

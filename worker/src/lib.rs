@@ -422,8 +422,8 @@ async fn work(
                 times.log();
                 return Ok(());
             }
-            // The step was abandoned while its parameters came (the job is failing or
-            // stopping): ask again, to hear why.
+            // ABORTED: the step was abandoned while its parameters came (the job failed):
+            // ask again, to hear why. Any other error ends this session (see `run`).
             Err(s) => {
                 ignore_races(s)?;
                 asked = Instant::now();
@@ -531,11 +531,11 @@ async fn ask_for_work(
         .unwrap_or_else(|_| Err(Status::deadline_exceeded("GetWork took too long")))
 }
 
-/// Swallows the answer to a call about a step that is already over (we were declared lost and
-/// the step moved on): just ask for work again.
+/// Swallows `ABORTED`, a call about a step that is already over (we were declared lost and the
+/// step moved on) or was abandoned: just ask for work again.
 fn ignore_races(s: Status) -> Result<(), Status> {
     if s.code() == Code::Aborted {
-        warn!(error = %s.message(), "stale answer dropped");
+        warn!(error = %s.message(), "the step is over; asking for work again");
         Ok(())
     } else {
         Err(s)
