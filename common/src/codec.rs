@@ -158,9 +158,8 @@ fn check_length(format: WireFormat, bytes: &[u8], expected: usize) -> Result<(),
 }
 
 /// Appends the values of `bytes` (whole values) to `out`. The compiler turns the f32 loop into
-/// a copy (it shows as `memcpy` in a profile of the coordinator), into memory never zeroed. A
-/// worker decodes a task's parameters with it part by part, as they come.
-pub fn decode_append(format: WireFormat, bytes: &[u8], out: &mut Vec<f32>) {
+/// a copy (it shows as `memcpy` in a profile of the coordinator), into memory never zeroed.
+fn decode_append(format: WireFormat, bytes: &[u8], out: &mut Vec<f32>) {
     match format {
         WireFormat::F32 => out.extend(
             bytes

@@ -18,7 +18,7 @@ use crate::tree::{Node, combine_by};
 use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::module::{avg_pool2d, conv2d, linear, max_pool2d};
 use burn::tensor::ops::{AvgPoolOptions, ConvOptions, MaxPoolOptions};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{AllocationProperty, DType, Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
@@ -115,6 +115,24 @@ pub struct MicroBatch<'a> {
     pub dropout_seed: u64,
 }
 
+/// A parameter vector as [`Engine::node_gradients`] takes it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Params {
+    /// The values (the coordinator's, a local loop's, a decoded bf16 task's). Flex keeps the
+    /// vector as its tensor, without a copy.
+    Values(Vec<f32>),
+    /// Little-endian f32 bytes as a task brought them. libtorch copies them straight into its
+    /// tensor, without a decoded vector in between (one 13.1 MB copy less per task); flex
+    /// decodes them into the vector it keeps.
+    LeF32(bytes::Bytes),
+}
+
+impl From<Vec<f32>> for Params {
+    fn from(values: Vec<f32>) -> Self {
+        Params::Values(values)
+    }
+}
+
 /// The gradient of the summed (not averaged) cross-entropy over a micro-batch, or summed over
 /// the micro-batches of a tree node.
 #[derive(Debug, Clone, PartialEq)]
@@ -167,6 +185,7 @@ pub struct Engine {
     params: Vec<ParamSpec>,
     param_count: usize,
     keep_prob: f32,
+    backend: BackendKind,
     device: Device,
 }
 
@@ -190,6 +209,7 @@ impl Engine {
             param_count: params.iter().map(ParamSpec::len).sum(),
             params,
             keep_prob,
+            backend,
             device,
         })
     }
@@ -228,11 +248,11 @@ impl Engine {
     /// there along the tree (the same additions, in the same order, as
     /// [`combine`](crate::tree::combine) on the host, so the bits do not depend on where they
     /// were added); each node's sum comes back to the host in one piece. `params` is taken by
-    /// value so that a worker's decoded vector becomes the device tensor without another copy.
-    /// Where the time went is added to `phases`.
+    /// value so that it becomes the device tensor with as few copies as the backend allows
+    /// ([`Params`]). Where the time went is added to `phases`.
     pub fn node_gradients(
         &self,
-        params: Vec<f32>,
+        params: impl Into<Params>,
         first: u32,
         batches: &[MicroBatch<'_>],
         nodes: &[Node],
@@ -244,7 +264,7 @@ impl Engine {
         let clock = Instant::now();
         let device = self.device.clone().autodiff();
         let leaves: Vec<Tensor<1>> = self
-            .upload(params, &device)?
+            .upload(params.into(), &device)?
             .into_iter()
             .map(Tensor::require_grad)
             .collect();
@@ -331,7 +351,7 @@ impl Engine {
     /// Predicted classes for `images`, evaluated in chunks with dropout off.
     pub fn predict(&self, params: &[f32], images: &[u8]) -> Result<Vec<u8>, Error> {
         const CHUNK: usize = 500;
-        let leaves = self.upload(params.to_vec(), &self.device)?;
+        let leaves = self.upload(params.to_vec().into(), &self.device)?;
         let mut out = Vec::with_capacity(images.len() / PIXELS);
         for chunk in images.chunks(CHUNK * PIXELS) {
             let logits = self.forward(&leaves, images_tensor([chunk], &self.device), None);
@@ -361,15 +381,31 @@ impl Engine {
 
     /// The parameters on `device`: one flat tensor (the vector itself where the device is the
     /// host), cut into one tensor per parameter (views of it where the backend has views).
-    fn upload(&self, params: Vec<f32>, device: &Device) -> Result<Vec<Tensor<1>>, Error> {
-        if params.len() != self.param_count {
-            return Err(Error::ParamCount {
-                expected: self.param_count,
-                got: params.len(),
-            });
-        }
-        let n = params.len();
-        let flat = Tensor::<1>::from_data(TensorData::new(params, [n]), device);
+    fn upload(&self, params: Params, device: &Device) -> Result<Vec<Tensor<1>>, Error> {
+        let n = self.param_count;
+        let data = match params {
+            Params::Values(values) if values.len() == n => TensorData::new(values, [n]),
+            Params::Values(values) => {
+                return Err(Error::ParamCount {
+                    expected: n,
+                    got: values.len(),
+                });
+            }
+            // libtorch reads the bytes as they are (native f32: little-endian here).
+            Params::LeF32(bytes)
+                if self.backend == BackendKind::Tch
+                    && cfg!(target_endian = "little")
+                    && bytes.len() == 4 * n =>
+            {
+                let shared = burn::tensor::Bytes::from_shared(bytes, AllocationProperty::Other);
+                TensorData::from_bytes(shared, [n], DType::F32)
+            }
+            Params::LeF32(bytes) => {
+                // Also the length check of every backend's bytes.
+                TensorData::new(crate::codec::decode_f32(&bytes, n)?, [n])
+            }
+        };
+        let flat = Tensor::<1>::from_data(data, device);
         let mut at = 0;
         Ok(self
             .params
@@ -770,6 +806,46 @@ mod tests {
             .map(|b| engine.gradients(&params, &[*b]).unwrap().remove(0))
             .collect();
         assert_same_bits(&together, &alone, &format!("{backend}, together and alone"));
+    }
+
+    /// A task's parameters go to the engine as the wire's bytes (f32): the gradients must be
+    /// those of the decoded values, the bytes at any alignment (libtorch reads them in place;
+    /// flex decodes them). On libtorch too in a `tch` build.
+    #[test]
+    fn parameters_as_wire_bytes_give_the_gradients_of_their_values() {
+        let tch = cfg!(feature = "tch").then_some(BackendKind::Tch);
+        for backend in std::iter::once(BackendKind::Flex).chain(tch) {
+            let engine = Engine::new(ModelSpec::SEED, backend, "cpu", 0.75).unwrap();
+            let params = ModelSpec::SEED.init(7);
+            let (images, labels) = digits(12);
+            let batches = unequal_leaves(&images, &labels);
+            let leaves: Vec<Node> = (0..3).map(|i| Node::new(i, i + 1)).collect();
+            let mut phases = Phases::default();
+            let mut gradients = |p: Params| {
+                engine
+                    .node_gradients(p, 0, &batches, &leaves, &mut phases)
+                    .unwrap()
+            };
+            let from_values = gradients(Params::Values(params.clone()));
+            // One byte in front, so the values start off their alignment.
+            let mut wire = vec![0u8];
+            wire.extend_from_slice(&crate::codec::encode_f32(&params));
+            let unaligned = bytes::Bytes::from(wire).slice(1..);
+            let from_bytes = gradients(Params::LeF32(unaligned));
+            assert_same_bits(
+                &from_values,
+                &from_bytes,
+                &format!("{backend}, bytes and values"),
+            );
+            // One value short, and half a value short.
+            for short in [4 * params.len() - 4, 4 * params.len() - 2] {
+                let bytes = Params::LeF32(bytes::Bytes::from(vec![0u8; short]));
+                assert!(matches!(
+                    engine.node_gradients(bytes, 0, &batches, &leaves, &mut phases),
+                    Err(Error::WireLength(e)) if e.got_bytes == short
+                ));
+            }
+        }
     }
 
     /// `set_deterministic` turns off libtorch's fill of new tensors with NaN. With the fill on,

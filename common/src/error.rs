@@ -42,6 +42,8 @@ pub enum Error {
     UnknownDevice(String),
     #[error("parameter vector has {got} values, the model has {expected}")]
     ParamCount { expected: usize, got: usize },
+    #[error("parameter bytes: {0}")]
+    WireLength(#[from] crate::codec::WireLengthError),
     #[error("batch is malformed: {0}")]
     BadBatch(String),
     #[error("invalid layer shape: {0}")]

@@ -13,6 +13,8 @@ pub use generated::*;
 
 pub mod transport;
 
+use prost::bytes::{Bytes, BytesMut};
+
 /// Encoded `FileDescriptorSet` of `dtrain.proto`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dtrain_descriptor");
 
@@ -80,8 +82,8 @@ impl WireFormat {
 /// What a `GetWork` call brought.
 #[derive(Debug)]
 pub enum Work {
-    /// A task; its parameters went to the caller's `take`, whole.
-    Task(Task),
+    /// A task and its parameters, whole, in the job's wire format.
+    Task(Task, Bytes),
     /// Nothing to do yet: ask again.
     Wait,
     /// The job is over, for this reason.
@@ -89,15 +91,14 @@ pub enum Work {
 }
 
 /// Reads the reply stream of a `GetWork` call: its first message, and after a task the parts of
-/// its parameters (`values` values of `value_bytes` bytes), each handed to `take` as it comes
-/// (a worker decodes it while the next is on the wire). A stream that breaks the protocol (a
+/// its parameters (`values` values of `value_bytes` bytes), gathered into one buffer as they
+/// come, each part copied while the next is on the wire. A stream that breaks the protocol (a
 /// part out of order or past the end, the vector not whole at the end) is an `INTERNAL` error;
 /// a step abandoned while its parameters were streaming ends the call with `ABORTED`.
 pub async fn receive_work(
     replies: &mut tonic::Streaming<GetWorkResponse>,
     values: usize,
     value_bytes: usize,
-    mut take: impl FnMut(&[u8]),
 ) -> Result<Work, tonic::Status> {
     use get_work_response::Reply;
     let task = match replies.message().await? {
@@ -119,41 +120,37 @@ pub async fn receive_work(
         }
         None => return Err(tonic::Status::internal("GetWork ended without a reply")),
     };
-    let mut params = PartsInOrder::new(values, value_bytes);
+    let mut params = Gather::new(values, value_bytes);
     while let Some(message) = replies.message().await? {
         let Some(Reply::Params(part)) = message.reply else {
             return Err(tonic::Status::internal(
                 "GetWork sent something other than parameters after a task",
             ));
         };
-        params.check(&part)?;
-        take(&part.values);
+        params.push(&part)?;
     }
-    params.finish()?;
-    Ok(Work::Task(task))
+    Ok(Work::Task(task, params.finish()?))
 }
 
-/// The protocol's rule for a task's parameter parts (see [`receive_work`]): in order from value
-/// 0, whole values, until the vector is whole.
-struct PartsInOrder {
-    /// Bytes received so far.
-    have: usize,
+/// A task's parameters gathered from their parts (see [`receive_work`]).
+struct Gather {
+    params: BytesMut,
     values: usize,
     value_bytes: usize,
 }
 
-impl PartsInOrder {
+impl Gather {
     fn new(values: usize, value_bytes: usize) -> Self {
-        PartsInOrder {
-            have: 0,
+        Gather {
+            params: BytesMut::with_capacity(values * value_bytes),
             values,
             value_bytes,
         }
     }
 
-    /// Counts the next part in, refusing one out of order, of partial values or past the end.
-    fn check(&mut self, part: &TensorPart) -> Result<(), tonic::Status> {
-        let have = self.have;
+    /// Adds the next part, refusing one out of order, of partial values or past the end.
+    fn push(&mut self, part: &TensorPart) -> Result<(), tonic::Status> {
+        let have = self.params.len();
         let in_order = part.offset.checked_mul(self.value_bytes as u64) == Some(have as u64);
         if !in_order
             || have + part.values.len() > self.values * self.value_bytes
@@ -168,20 +165,20 @@ impl PartsInOrder {
                 self.values
             )));
         }
-        self.have += part.values.len();
+        self.params.extend_from_slice(&part.values);
         Ok(())
     }
 
-    /// Refuses a vector that is not whole.
-    fn finish(self) -> Result<(), tonic::Status> {
+    /// The whole vector, refusing one that is not.
+    fn finish(self) -> Result<Bytes, tonic::Status> {
         let whole = self.values * self.value_bytes;
-        if self.have != whole {
+        if self.params.len() != whole {
             return Err(tonic::Status::internal(format!(
                 "the task's parameters ended after {} of {whole} bytes",
-                self.have
+                self.params.len()
             )));
         }
-        Ok(())
+        Ok(self.params.freeze())
     }
 }
 
@@ -198,7 +195,6 @@ pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::bytes::Bytes;
 
     fn part(offset: u64, bytes: usize) -> TensorPart {
         let values = (0..bytes).map(|b| b as u8).collect::<Vec<u8>>().into();
@@ -206,19 +202,21 @@ mod tests {
     }
 
     #[test]
-    fn parts_in_order_of_whole_values_until_the_vector_is_whole_are_taken() {
-        let mut parts = PartsInOrder::new(5, 4);
-        parts.check(&part(0, 12)).unwrap();
-        parts.check(&part(3, 8)).unwrap();
-        parts.finish().unwrap();
+    fn parameters_are_gathered_from_parts_in_order_until_whole() {
+        let mut gather = Gather::new(5, 4);
+        gather.push(&part(0, 12)).unwrap();
+        gather.push(&part(3, 8)).unwrap();
+        let whole = gather.finish().unwrap();
+        assert_eq!(whole.len(), 20);
+        assert_eq!(&whole[12..], &part(3, 8).values[..]);
     }
 
     #[test]
     fn parts_out_of_order_of_partial_values_past_the_end_or_short_are_refused() {
-        let refused = |sent: &[TensorPart]| {
-            let mut parts = PartsInOrder::new(5, 4);
-            let checked: Result<(), tonic::Status> = sent.iter().try_for_each(|p| parts.check(p));
-            let status = checked.and_then(|()| parts.finish()).unwrap_err();
+        let refused = |parts: &[TensorPart]| {
+            let mut gather = Gather::new(5, 4);
+            let pushed: Result<(), tonic::Status> = parts.iter().try_for_each(|p| gather.push(p));
+            let status = pushed.and_then(|()| gather.finish().map(drop)).unwrap_err();
             assert_eq!(status.code(), tonic::Code::Internal);
             status.message().to_string()
         };

@@ -1,8 +1,8 @@
 //! Where one training step's time goes, phase by phase, with the real parts in one process:
-//! the worker's parameter decode, the engine's upload, forward, backward, on-device reduction
-//! and download (`Engine::node_gradients`), the worker's gradient encode, the coordinator's
-//! decode, and its SGD step, which also encodes the next step's parameters
-//! (`TrainState::apply_then`). The wire itself is the transport benchmark's
+//! the engine's upload (of the parameters as the wire's bytes, as a worker gives them), forward,
+//! backward, on-device reduction and download (`Engine::node_gradients`), the worker's gradient
+//! encode, the coordinator's decode, and its SGD step, which also encodes the next step's
+//! parameters (`TrainState::apply_and_encode`). The wire itself is the transport benchmark's
 //! (`--example transport`). Printed in ms per step and as a share of the step.
 //!
 //!   cargo run -p cluster-tests --example step_profile [-- STEPS]      (default 20, flex)
@@ -10,7 +10,7 @@
 //!     cargo run -p cluster-tests --features tch --example step_profile
 
 use cluster_tests::*;
-use common::engine::{BackendKind, Engine, Phases};
+use common::engine::{BackendKind, Engine, Params, Phases};
 use common::train::{Batcher, TrainConfig, TrainState, micro_batches};
 use common::tree::Node;
 use std::time::{Duration, Instant};
@@ -79,8 +79,8 @@ fn main() -> anyhow::Result<()> {
                 Some(wire) => wire,
                 None => timed(&mut encode, || common::codec::encode_f32(&state.params)),
             };
-            // (A worker decodes the parts as they come, while the next are on the wire.)
-            let params = timed(&mut decode, || common::codec::decode_f32(&wire, n))?;
+            // As a worker takes them: the wire's bytes, no decoded vector (`Params::LeF32`).
+            let params = Params::LeF32(bytes::Bytes::from(wire));
             let root = engine
                 .node_gradients(params, 0, &shard, &[Node::root(leaves)], &mut phases)?
                 .remove(0);
@@ -89,12 +89,8 @@ fn main() -> anyhow::Result<()> {
             let sum = timed(&mut decode, || common::codec::decode_f32(&wire, n))?;
             let lr = cfg.lr_at(state.step, schedule.steps_per_epoch());
             let f32 = common::codec::WireFormat::F32;
-            // As the coordinator's pass does: each block encoded right after it is written.
-            let mut next = Vec::with_capacity(4 * n);
-            timed(&mut sgd, || {
-                state.apply_then(sum.as_slice(), root.examples, lr, None, |p| {
-                    common::codec::encode_append(f32, p, &mut next)
-                })
+            let (_, next) = timed(&mut sgd, || {
+                state.apply_and_encode(sum.as_slice(), root.examples, lr, None, f32)
             })?;
             encoded = Some(next);
         }
@@ -113,7 +109,7 @@ fn main() -> anyhow::Result<()> {
         row("reduce along the tree (on the device)", phases.reduce);
         row("gradient download (one per node)", phases.download);
         row("encode (gradient; parameters in the SGD step)", encode);
-        row("decode (parameters + gradient)", decode);
+        row("decode (gradient; parameters go up as bytes)", decode);
         row("SGD, its checks, the parameter encode", sgd);
         println!(
             "[{name} {device}] step {:.2} ms: {:.1} images/s without the wire",

@@ -107,19 +107,17 @@ async fn null_worker(url: String, name: String, steps: u64) -> anyhow::Result<Se
             })
             .await?
             .into_inner();
-        let mut param_bytes = 0;
-        let work = proto::receive_work(&mut replies, values, width, |p| param_bytes += p.len());
-        let work = work.await?;
+        let work = proto::receive_work(&mut replies, values, width).await?;
         let got = asked.elapsed().as_secs_f64();
         let headers = headers_at.lock().expect("not poisoned").take();
         let in_flight = headers.map_or(got, |h| h.elapsed().as_secs_f64());
-        let task = match work {
-            Work::Task(task) => task,
+        let (task, params) = match work {
+            Work::Task(task, params) => (task, params),
             Work::Shutdown(_) => return Ok(seen),
             Work::Wait => continue,
         };
         let timed = task.step >= WARMUP && task.step < WARMUP + steps;
-        let task_bytes = (param_bytes + task.images.len() + task.labels.len()) as f64;
+        let task_bytes = (params.len() + task.images.len() + task.labels.len()) as f64;
         // As a real worker sends them: each node's gradient in parts.
         let parts: Vec<SubmitRequest> = task
             .nodes

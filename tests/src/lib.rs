@@ -591,8 +591,8 @@ pub async fn take_shard(
                 .await
                 .expect("GetWork")
                 .into_inner();
-            let work = proto::receive_work(&mut replies, values, width, |_| {}).await;
-            if let proto::Work::Task(task) = work.expect("a whole reply to GetWork") {
+            let work = proto::receive_work(&mut replies, values, width).await;
+            if let proto::Work::Task(task, _) = work.expect("a whole reply to GetWork") {
                 return task;
             }
         }

@@ -6,9 +6,10 @@
 //! restarted coordinator gets its workers back) until `--reconnect-timeout` runs out.
 
 use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
 use clap::Parser;
 use common::codec::WireFormat;
-use common::engine::{BackendKind, Engine, MicroBatch, Phases};
+use common::engine::{BackendKind, Engine, MicroBatch, Params, Phases};
 use common::model::{ModelKind, ModelSpec, Pool};
 use common::schedule::Schedule;
 use common::tree::Node;
@@ -331,8 +332,7 @@ impl Health {
 struct ShardTimes {
     shards: u32,
     /// From asking for work to holding the task: the coordinator's step (the tree sum and SGD)
-    /// and the task's download and decode; with several workers, also the wait for the round's
-    /// slowest.
+    /// and the task's download; with several workers, also the wait for the round's slowest.
     wait: Duration,
     compute: ComputeTimes,
     /// The node sums sent (encoded and streamed), until the coordinator's answer.
@@ -343,7 +343,9 @@ impl ShardTimes {
     fn add(&mut self, wait: Duration, compute: &ComputeTimes, submit: Duration) {
         self.shards += 1;
         self.wait += wait;
-        self.compute += *compute;
+        self.compute.decode += compute.decode;
+        self.compute.engine += compute.engine;
+        self.compute.check += compute.check;
         self.submit += submit;
     }
 
@@ -354,10 +356,11 @@ impl ShardTimes {
         let ms = |d: Duration| d.as_secs_f64() * 1e3 / f64::from(self.shards);
         let (c, e) = (&self.compute, &self.compute.engine);
         info!(
-            "time per shard, mean of {} (ms): wait for the task {:.2}, upload {:.2}, forward {:.2}, \
-             backward {:.2}, reduce {:.2}, download {:.2}, check {:.2}, submit {:.2}",
+            "time per shard, mean of {} (ms): wait for the task {:.2}, decode {:.2}, upload {:.2}, \
+             forward {:.2}, backward {:.2}, reduce {:.2}, download {:.2}, check {:.2}, submit {:.2}",
             self.shards,
             ms(self.wait),
+            ms(c.decode),
             ms(e.upload),
             ms(e.forward),
             ms(e.backward),
@@ -369,20 +372,15 @@ impl ShardTimes {
     }
 }
 
-/// Where [`compute`] spent its time (the parameters were decoded as they came, in the wait).
+/// Where [`compute`] spent its time.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ComputeTimes {
+    /// The parameters decoded from the wire (bf16; f32 goes to the engine as it came).
+    pub decode: Duration,
     /// The engine's phases.
     pub engine: Phases,
     /// The node sums checked finite and taken as the wire's bytes.
     pub check: Duration,
-}
-
-impl std::ops::AddAssign for ComputeTimes {
-    fn add_assign(&mut self, other: ComputeTimes) {
-        self.engine += other.engine;
-        self.check += other.check;
-    }
 }
 
 /// Who this worker is to the coordinator process it registered with.
@@ -417,9 +415,9 @@ async fn work(
             r = ask_for_work(client, me, engine.param_count()) => r,
         };
         let (task, params) = match reply {
-            Ok((Work::Task(task), params)) => (task, params),
-            Ok((Work::Wait, _)) => continue,
-            Ok((Work::Shutdown(reason), _)) => {
+            Ok(Work::Task(task, params)) => (task, params),
+            Ok(Work::Wait) => continue,
+            Ok(Work::Shutdown(reason)) => {
                 info!(reason, shards = answered, "job over; exiting");
                 times.log();
                 return Ok(());
@@ -444,7 +442,7 @@ async fn work(
                 )));
             }
             let mut compute_times = ComputeTimes::default();
-            compute(&e, &task, params, me.wire, &mut compute_times)
+            compute(&e, &task, &params, me.wire, &mut compute_times)
                 .map(|nodes| (nodes, compute_times))
         })
         .await
@@ -513,28 +511,20 @@ async fn work(
     }
 }
 
-/// One `GetWork` call: its reply, and for a task its parameters (`values` values), whole,
-/// each part decoded as it comes while the next is on the wire (the vector becomes the
-/// engine's tensor without another copy on the host). The call's deadline covers the
-/// parameters too.
+/// One `GetWork` call: its reply, and for a task its parameters (`values` values), whole. The
+/// call's deadline covers the parameters too.
 async fn ask_for_work(
     client: &mut TrainerClient<AuthChannel>,
     me: Me,
     values: usize,
-) -> Result<(Work, Vec<f32>), Status> {
+) -> Result<Work, Status> {
     let asked = async {
         let request = GetWorkRequest {
             worker_id: me.id,
             incarnation: me.incarnation,
         };
         let mut replies = client.get_work(request).await?.into_inner();
-        let mut params = Vec::new();
-        let width = me.wire.bytes_per_value();
-        let work = proto::receive_work(&mut replies, values, width, |part| {
-            params.reserve_exact(values.saturating_sub(params.len()));
-            common::codec::decode_append(me.wire, part, &mut params)
-        });
-        Ok((work.await?, params))
+        proto::receive_work(&mut replies, values, me.wire.bytes_per_value()).await
     };
     tokio::time::timeout(CALL_TIMEOUT, asked)
         .await
@@ -552,16 +542,27 @@ fn ignore_races(s: Status) -> Result<(), Status> {
     }
 }
 
-/// Computes a task's node gradients at `params`, to go back in `wire` format. Adds where the
-/// time went to `times`.
+/// Computes a task's node gradients at `params`; tensors come and go in `wire` format. Adds
+/// where the time went to `times`.
 pub fn compute(
     engine: &Engine,
     task: &Task,
-    params: Vec<f32>,
+    params: &Bytes,
     wire: WireFormat,
     times: &mut ComputeTimes,
 ) -> Result<Vec<NodeGradient>, WorkerError> {
     let bad = |m: String| WorkerError::BadTask(m);
+    let started = Instant::now();
+    let n = engine.param_count();
+    let params = match wire {
+        // The bytes as they came: the engine takes them with as few copies as its backend
+        // allows (libtorch: none before its own).
+        WireFormat::F32 if params.len() == n * 4 => Params::LeF32(params.clone()),
+        _ => common::codec::decode(wire, params, n)
+            .map_err(|e| bad(format!("parameters: {e}")))?
+            .into(),
+    };
+    times.decode += started.elapsed();
     let total: usize = task.leaf_sizes.iter().map(|&s| s as usize).sum();
     let px = common::mnist::PIXELS;
     if task.labels.len() != total || task.images.len() != total * px {
