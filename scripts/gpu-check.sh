@@ -102,7 +102,7 @@ echo "| local loop, batch 1024 in 4 x 256 | $local256 images/s | $torch_one imag
 echo "| coordinator + 1 worker, batch 1024 in 4 x 256 | $one256 images/s | - | $(ratio "$one256" "$local256") of its local loop |"
 echo "| default job end to end | ${full_s} s to ${test_acc:-?} test accuracy | see torch_ref.txt above | - |"
 echo
-echo "== a GPU worker's shard, phase by phase (1 worker; 'wait for the task' holds the coordinator's step and the download)"
+echo "== a GPU worker's shard, phase by phase (1 worker; 'wait for the task' holds the coordinator's tree sum, 'first parameters' the wait for the first parameter part, 'upload' the wait for the rest)"
 for b in 128 1024; do
     echo "batch $b: $(grep -o 'time per shard.*' "$out/worker-1-$b-1.log" | tail -1)"
 done

@@ -79,16 +79,26 @@ pub fn decode(
 }
 
 /// A vector that arrives in parts (a gradient streamed in a submission, see
-/// `proto::gradient_parts`): each part decoded onto the end, block by block, each block's
-/// squares summed right after it is decoded, while it is in cache. So the coordinator checks a
-/// gradient by its norm without a second pass over the 13 MB and without zeroing memory first
-/// (`step_checks` measures it against decode-then-norm), and decodes one part while the next is
-/// in flight.
+/// `proto::gradient_parts`), each at its offset, decoded block by block, each block's squares
+/// summed right after it is decoded, while it is in cache. So the coordinator checks a
+/// gradient by its norm without a second pass over the 13 MB (`step_checks` measures it
+/// against decode-then-norm), and decodes one part while the next is in flight.
+///
+/// Parts in order are decoded onto the end, into memory never zeroed. A part may also come
+/// ahead of its turn (a worker sends the dense layers' values, at the end of the vector,
+/// while it still computes the convolutions'): then the vector is laid out whole, zeroed
+/// where nothing has come, and each part is written in its place. Parts must not overlap.
 #[derive(Debug)]
 pub struct PartsDecoder {
     format: WireFormat,
     expected: usize,
+    /// The values decoded in order so far; once a part came out of order, the whole vector.
     values: Vec<f32>,
+    /// How many values have come.
+    received: usize,
+    /// The ranges that have come, sorted and disjoint, once a part came out of order (empty
+    /// until then).
+    ranges: Vec<std::ops::Range<usize>>,
     squares: crate::sgd::SquareSum,
 }
 
@@ -99,51 +109,102 @@ impl PartsDecoder {
             format,
             expected,
             values: Vec::with_capacity(expected),
+            received: 0,
+            ranges: Vec::new(),
             squares: Default::default(),
         }
     }
 
     /// How many values have come so far.
     pub fn decoded(&self) -> usize {
-        self.values.len()
+        self.received
     }
 
     pub fn is_complete(&self) -> bool {
-        self.values.len() == self.expected
+        self.received == self.expected
     }
 
-    /// Decodes the next part, refusing one of partial values or one going past the end.
-    pub fn push(&mut self, bytes: &[u8]) -> Result<(), WireLengthError> {
+    /// Decodes the part that starts at value `offset`, refusing one of partial values, one
+    /// going past the end, or one over values that already came.
+    pub fn push_at(&mut self, offset: u64, bytes: &[u8]) -> Result<(), PartError> {
         let width = self.format.bytes_per_value();
-        let got_bytes = self.values.len() * width + bytes.len();
-        if !bytes.len().is_multiple_of(width) || got_bytes > self.expected * width {
-            return Err(WireLengthError {
+        let len = bytes.len() / width;
+        let end = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(len))
+            .filter(|&end| end <= self.expected && bytes.len().is_multiple_of(width));
+        let Some(end) = end else {
+            let got_bytes = offset
+                .saturating_mul(width as u64)
+                .saturating_add(bytes.len() as u64);
+            return Err(PartError::Length(WireLengthError {
                 expected: self.expected,
-                got_bytes,
+                got_bytes: usize::try_from(got_bytes).unwrap_or(usize::MAX),
                 format: self.format,
-            });
+            }));
+        };
+        let start = end - len;
+        let in_order = self.ranges.is_empty() && start == self.values.len();
+        if in_order {
+            for wire in bytes.chunks(crate::sgd::CACHE_BLOCK * width) {
+                let at = self.values.len();
+                decode_append(self.format, wire, &mut self.values);
+                self.squares.add(&self.values[at..]);
+            }
+            self.received += len;
+            return Ok(());
         }
-        for wire in bytes.chunks(crate::sgd::CACHE_BLOCK * width) {
-            let start = self.values.len();
-            decode_append(self.format, wire, &mut self.values);
-            self.squares.add(&self.values[start..]);
+        if self.ranges.is_empty() {
+            // The first part out of order: lay the vector out whole.
+            if !self.values.is_empty() {
+                self.ranges.push(0..self.values.len());
+            }
+            self.values.resize(self.expected, 0.0);
         }
+        // The first range that ends after this part starts must start at or after its end.
+        let next = self.ranges.partition_point(|r| r.end <= start);
+        if self.ranges.get(next).is_some_and(|r| r.start < end) {
+            return Err(PartError::Overlap { offset, len });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        self.ranges.insert(next, start..end);
+        let blocks = bytes.chunks(crate::sgd::CACHE_BLOCK * width);
+        let mut at = start;
+        for wire in blocks {
+            let out = &mut self.values[at..at + wire.len() / width];
+            decode_into(self.format, wire, out);
+            self.squares.add(out);
+            at += out.len();
+        }
+        self.received += len;
         Ok(())
     }
 
-    /// The whole vector and its L2 norm (the same bits as [`crate::sgd::l2_norm`] when every
-    /// part but the last is a multiple of 8 values; NaN or infinite when a value is), refusing
-    /// a vector not yet whole.
+    /// The whole vector and its L2 norm (NaN or infinite when a value is; the same bits as
+    /// [`crate::sgd::l2_norm`] when the parts came in order and each but the last is a
+    /// multiple of 8 values), refusing a vector not yet whole.
     pub fn finish(self) -> Result<(Vec<f32>, f64), WireLengthError> {
         if !self.is_complete() {
             return Err(WireLengthError {
                 expected: self.expected,
-                got_bytes: self.values.len() * self.format.bytes_per_value(),
+                got_bytes: self.received * self.format.bytes_per_value(),
                 format: self.format,
             });
         }
         Ok((self.values, self.squares.norm()))
     }
+}
+
+/// A part of a vector ([`PartsDecoder`]) that cannot be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PartError {
+    /// Partial values, or values past the end of the vector.
+    #[error(transparent)]
+    Length(#[from] WireLengthError),
+    #[error("the part of {len} values at value {offset} overlaps values that already came")]
+    Overlap { offset: u64, len: usize },
 }
 
 fn check_length(format: WireFormat, bytes: &[u8], expected: usize) -> Result<(), WireLengthError> {
@@ -171,6 +232,22 @@ fn decode_append(format: WireFormat, bytes: &[u8], out: &mut Vec<f32>) {
                 .chunks_exact(2)
                 .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)),
         ),
+    }
+}
+
+/// Writes the values of `bytes` (exactly `out.len()` whole values) over `out`.
+fn decode_into(format: WireFormat, bytes: &[u8], out: &mut [f32]) {
+    match format {
+        WireFormat::F32 => {
+            for (v, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        WireFormat::Bf16 => {
+            for (v, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *v = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
+            }
+        }
     }
 }
 
@@ -249,9 +326,9 @@ mod tests {
             let width = format.bytes_per_value();
             for part in [wire.len(), 1000 * width] {
                 let mut d = PartsDecoder::new(format, v.len());
-                for p in wire.chunks(part) {
+                for (i, p) in wire.chunks(part).enumerate() {
                     assert!(!d.is_complete());
-                    d.push(p).unwrap();
+                    d.push_at((i * part / width) as u64, p).unwrap();
                 }
                 let (values, norm) = d.finish().unwrap();
                 assert_eq!(values, decode(format, &wire, v.len()).unwrap());
@@ -259,22 +336,71 @@ mod tests {
             }
         }
         let mut d = PartsDecoder::new(WireFormat::F32, 2);
-        d.push(&encode_f32(&[1.0, f32::NAN])).unwrap();
+        d.push_at(0, &encode_f32(&[1.0, f32::NAN])).unwrap();
         assert!(d.finish().unwrap().1.is_nan());
     }
 
+    /// The parts in any order (the head's first, as a worker on a CPU sends them; reversed;
+    /// shuffled) give the vector they give in order, and a norm equal to within rounding.
     #[test]
-    fn parts_of_partial_values_past_the_end_or_short_are_refused() {
-        let mut d = PartsDecoder::new(WireFormat::F32, 2);
-        assert_eq!(d.push(&[0u8; 3]).unwrap_err().got_bytes, 3);
-        d.push(&[0u8; 4]).unwrap();
+    fn parts_out_of_order_decode_to_the_whole_vector() {
+        let v: Vec<f32> = (0..10_007).map(|i| (i as f32 - 5000.0) * 1e-3).collect();
+        for format in [WireFormat::F32, WireFormat::Bf16] {
+            let wire = encode(format, &v);
+            let width = format.bytes_per_value();
+            let parts: Vec<(u64, &[u8])> = [0, 900, 1000, 4000, 10_000, 10_007]
+                .windows(2)
+                .map(|w| (w[0] as u64, &wire[w[0] * width..w[1] * width]))
+                .collect();
+            let head_first = [&parts[2..], &parts[..2]].concat();
+            let reversed: Vec<_> = parts.iter().rev().copied().collect();
+            let shuffled = vec![parts[3], parts[0], parts[4], parts[2], parts[1]];
+            for order in [head_first, reversed, shuffled] {
+                let mut d = PartsDecoder::new(format, v.len());
+                for &(offset, p) in &order {
+                    assert!(!d.is_complete());
+                    d.push_at(offset, p).unwrap();
+                }
+                let (values, norm) = d.finish().unwrap();
+                assert_eq!(values, decode(format, &wire, v.len()).unwrap());
+                let want = crate::sgd::l2_norm(&values);
+                assert!((norm - want).abs() <= want * 1e-9, "{norm} against {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn parts_of_partial_values_past_the_end_overlapping_or_short_are_refused() {
+        let mut d = PartsDecoder::new(WireFormat::F32, 4);
+        let length = |e: PartError| match e {
+            PartError::Length(e) => e,
+            other => panic!("{other}"),
+        };
+        assert_eq!(length(d.push_at(0, &[0u8; 3]).unwrap_err()).got_bytes, 3);
+        d.push_at(0, &[0u8; 4]).unwrap();
         assert_eq!(d.decoded(), 1);
-        let past = d.push(&[0u8; 8]).unwrap_err();
+        let past = d.push_at(1, &[0u8; 16]).unwrap_err();
         assert_eq!(
             past.to_string(),
-            "expected 2 f32 values (8 bytes), got 12 bytes"
+            "expected 4 f32 values (16 bytes), got 20 bytes"
         );
-        assert_eq!(d.finish().unwrap_err().got_bytes, 4);
+        assert!(matches!(
+            d.push_at(u64::MAX, &[0u8; 4]).unwrap_err(),
+            PartError::Length(_)
+        ));
+        // Ahead of its turn, then one over it, one over the first, and one over both.
+        d.push_at(2, &[0u8; 4]).unwrap();
+        for (offset, values) in [(2, 1), (0, 2), (1, 2)] {
+            assert_eq!(
+                d.push_at(offset, &vec![0u8; 4 * values]).unwrap_err(),
+                PartError::Overlap {
+                    offset,
+                    len: values
+                }
+            );
+        }
+        assert_eq!(d.decoded(), 2);
+        assert_eq!(d.finish().unwrap_err().got_bytes, 8);
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //!
 //! Parameters arrive as one flat vector in [`ModelSpec::params`] order, go to the device in one
 //! piece and are cut there into one 1-D autodiff leaf each, reshaped inside the forward pass;
-//! their gradients are joined on the device into one flat vector in the same order, summed
-//! along the reduction tree there, and come back one node at a time, ready for the wire.
+//! their gradients are summed along the reduction tree on the device, parameter by parameter,
+//! joined into one flat vector in the same order, and come back one node at a time, ready for
+//! the wire (on a CPU the dense layers' part of each node first, see
+//! [`Engine::node_gradients_in_pieces`]).
 //!
 //! Dropout masks are drawn on the host from a seed the caller gives per micro-batch, so the
 //! same micro-batch gets the same mask whichever worker (or backend) computes it.
@@ -133,6 +135,32 @@ impl From<Vec<f32>> for Params {
     }
 }
 
+/// Parameters as [`Engine::node_gradients_in_pieces`] takes them: whole, or the trunk's now and
+/// the head's later.
+pub enum Incoming<'a> {
+    Whole(Params),
+    /// The trunk's values (the first [`Engine::trunk_len`] of the flat vector), and a call that
+    /// waits for the head's (the rest), made once the first micro-batch's forward pass through
+    /// the trunk is under way: a worker computes that while the head's 12.8 MB (seed convnet)
+    /// are still on the wire. An error from `head` stops the computation.
+    InTwo {
+        trunk: Params,
+        head: Box<dyn FnOnce() -> Result<Params, Error> + 'a>,
+    },
+}
+
+impl From<Params> for Incoming<'_> {
+    fn from(params: Params) -> Self {
+        Incoming::Whole(params)
+    }
+}
+
+impl From<Vec<f32>> for Incoming<'_> {
+    fn from(values: Vec<f32>) -> Self {
+        Incoming::Whole(values.into())
+    }
+}
+
 /// The gradient of the summed (not averaged) cross-entropy over a micro-batch, or summed over
 /// the micro-batches of a tree node.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,6 +168,27 @@ pub struct Gradient {
     pub values: Vec<f32>,
     pub loss_sum: f64,
     pub examples: u32,
+}
+
+/// A piece of a node's gradient sum, ready to send
+/// ([`Engine::node_gradients_in_pieces`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Piece {
+    pub node: Node,
+    /// Where `values` start in the flat vector ([`ModelSpec::params`] order).
+    pub offset: usize,
+    pub values: Vec<f32>,
+    /// The node's loss sum on the piece that completes the node, 0 on the others (so a node's
+    /// pieces add up to its loss).
+    pub loss_sum: f64,
+}
+
+/// Whether [`Engine::node_gradients_in_pieces`] hands out the head's piece before the last
+/// micro-batch's backward pass through the trunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Early {
+    No,
+    Head,
 }
 
 /// Where a gradient computation spent its time (wall clock, added up over calls). On a GPU the
@@ -154,11 +203,11 @@ pub struct Phases {
     pub upload: Duration,
     /// Forward pass and loss, micro-batch by micro-batch.
     pub forward: Duration,
-    /// Backward pass and each micro-batch's gradient flattened on the device.
+    /// Backward passes (the head's, then the trunk's from the features' gradient).
     pub backward: Duration,
     /// Micro-batch gradients summed along the tree on the device.
     pub reduce: Duration,
-    /// The losses and each node's sum to the host.
+    /// The losses and each node's sum (joined into one flat tensor) to the host.
     pub download: Duration,
 }
 
@@ -187,6 +236,8 @@ pub struct Engine {
     keep_prob: f32,
     backend: BackendKind,
     device: Device,
+    /// Whether `device` is the host's memory (`cpu`), not a GPU's.
+    on_host: bool,
 }
 
 impl Engine {
@@ -211,6 +262,7 @@ impl Engine {
             keep_prob,
             backend,
             device,
+            on_host: device_name == "cpu",
         })
     }
 
@@ -241,15 +293,15 @@ impl Engine {
     }
 
     /// The gradient sums of `nodes` of the reduction tree over the micro-batches `batches`,
-    /// which are the leaves `first..first + batches.len()`.
+    /// which are the leaves `first..first + batches.len()`, each whole.
     ///
     /// The parameters go to the device once, as one flat tensor cut into the leaves; each
-    /// micro-batch's gradient stays on the device, flattened into one tensor, and is summed
+    /// micro-batch's gradient stays on the device, one tensor per parameter, and is summed
     /// there along the tree (the same additions, in the same order, as
     /// [`combine`](crate::tree::combine) on the host, so the bits do not depend on where they
-    /// were added); each node's sum comes back to the host in one piece. `params` is taken by
-    /// value so that it becomes the device tensor with as few copies as the backend allows
-    /// ([`Params`]). Where the time went is added to `phases`.
+    /// were added); each node's sum is joined into one flat tensor and comes back to the host
+    /// in one piece. `params` is taken by value so that it becomes the device tensor with as
+    /// few copies as the backend allows ([`Params`]). Where the time went is added to `phases`.
     pub fn node_gradients(
         &self,
         params: impl Into<Params>,
@@ -258,16 +310,86 @@ impl Engine {
         nodes: &[Node],
         phases: &mut Phases,
     ) -> Result<Vec<Gradient>, Error> {
+        let mut whole = Vec::with_capacity(nodes.len());
+        let examples = self.differentiate(
+            Incoming::Whole(params.into()),
+            first,
+            batches,
+            nodes,
+            Early::No,
+            phases,
+            &mut |piece| {
+                whole.push(piece);
+                Ok(())
+            },
+        )?;
+        Ok(whole
+            .into_iter()
+            .zip(examples)
+            .map(|(piece, examples)| Gradient {
+                values: piece.values,
+                loss_sum: piece.loss_sum,
+                examples,
+            })
+            .collect())
+    }
+
+    /// [`node_gradients`](Self::node_gradients), handing each node's sum to `ready` in pieces
+    /// as soon as each is known, so the caller can send one while the next is computed. Where
+    /// the device is the host, the dense layers' piece of every node (98% of the seed
+    /// convnet's values) comes before the last micro-batch's backward pass through the
+    /// convolutions, which runs while the caller sends it; the convolutions' piece comes
+    /// last. On a GPU that pass takes a fraction of a millisecond, and reading a piece back
+    /// early would leave the device idle: each node comes whole, at the end. The parameters
+    /// may come in two pieces too ([`Incoming::InTwo`]). The values are the same bits either
+    /// way. An error from `ready` stops the computation.
+    pub fn node_gradients_in_pieces<'a>(
+        &self,
+        params: impl Into<Incoming<'a>>,
+        first: u32,
+        batches: &[MicroBatch<'_>],
+        nodes: &[Node],
+        phases: &mut Phases,
+        ready: &mut dyn FnMut(Piece) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let early = if self.on_host { Early::Head } else { Early::No };
+        self.differentiate(params.into(), first, batches, nodes, early, phases, ready)
+            .map(drop)
+    }
+
+    /// Computes the node sums and hands them to `ready` (see the two callers); returns each
+    /// node's example count.
+    #[allow(clippy::too_many_arguments)]
+    fn differentiate(
+        &self,
+        params: Incoming<'_>,
+        first: u32,
+        batches: &[MicroBatch<'_>],
+        nodes: &[Node],
+        early: Early,
+        phases: &mut Phases,
+        ready: &mut dyn FnMut(Piece) -> Result<(), Error>,
+    ) -> Result<Vec<u32>, Error> {
         if batches.is_empty() {
             return Err(Error::BadBatch("a task without micro-batches".into()));
         }
         let clock = Instant::now();
         let device = self.device.clone().autodiff();
-        let leaves: Vec<Tensor<1>> = self
-            .upload(params.into(), &device)?
-            .into_iter()
-            .map(Tensor::require_grad)
-            .collect();
+        let leaves = |params: Params, specs: &[ParamSpec]| -> Result<Vec<Tensor<1>>, Error> {
+            let leaves = self.upload(params, specs, &device)?;
+            Ok(leaves.into_iter().map(Tensor::require_grad).collect())
+        };
+        let (trunk_specs, head_specs) = self.params.split_at(self.head_start());
+        let (trunk, mut head, mut later) = match params {
+            Incoming::Whole(params) => {
+                let mut trunk = leaves(params, &self.params)?;
+                let head = trunk.split_off(self.head_start());
+                (trunk, head, None)
+            }
+            Incoming::InTwo { trunk, head } => {
+                (leaves(trunk, trunk_specs)?, Vec::new(), Some(head))
+            }
+        };
         phases.upload += clock.elapsed();
 
         // The task's inputs go to the device in one piece each (images, one-hot labels,
@@ -287,7 +409,9 @@ impl Engine {
         });
         phases.upload += clock.elapsed();
 
-        let mut sums: BTreeMap<Node, Tensor<1>> = BTreeMap::new();
+        // Each leaf's gradient, one tensor per parameter, for the trunk and the head apart.
+        let mut trunk_sums: BTreeMap<Node, Vec<Tensor<1>>> = BTreeMap::new();
+        let mut head_sums: BTreeMap<Node, Vec<Tensor<1>>> = BTreeMap::new();
         // Each leaf's loss stays on the device until all leaves are queued: read one by one,
         // each read would wait for its leaf's forward pass.
         let mut losses = Vec::with_capacity(batches.len());
@@ -295,25 +419,54 @@ impl Engine {
         for (i, &n) in rows.iter().enumerate() {
             let clock = Instant::now();
             let mask = masks.as_ref().map(|m| m.clone().narrow(0, at, n));
-            let logits = self.forward(&leaves, images.clone().narrow(0, at, n), mask);
+            // The graph is cut between the trunk and the head: the head's backward pass gives
+            // the head's gradient and the features' gradient, which the trunk's pass then
+            // starts from. The trunk sees the same gradient (times one) as it would through
+            // one graph, so the bits are those of one backward pass.
+            let features = self.trunk(&trunk, images.clone().narrow(0, at, n));
+            let mut waited = Duration::ZERO;
+            if let Some(wait) = later.take() {
+                let clock = Instant::now();
+                head = leaves(wait()?, head_specs)?;
+                waited = clock.elapsed();
+                phases.upload += waited;
+            }
+            let cut = features.clone().detach().require_grad();
+            let logits = self.head(&head, cut.clone(), mask);
             let onehot = onehot.clone().narrow(0, at, n);
             let loss = (log_softmax(logits, 1) * onehot).sum().neg();
             at += n;
-            phases.forward += clock.elapsed();
+            phases.forward += clock.elapsed() - waited;
 
             let clock = Instant::now();
+            let leaf = first + i as u32;
+            let leaf = Node::new(leaf, leaf + 1);
             let grads = loss.backward();
             losses.push(loss.detach());
-            // A parameter the loss does not reach has a zero gradient.
-            let flat: Vec<Tensor<1>> = leaves
-                .iter()
-                .map(|leaf| {
-                    leaf.grad(&grads)
-                        .unwrap_or_else(|| Tensor::zeros([leaf.dims()[0]], &self.device))
-                })
-                .collect();
-            let leaf = first + i as u32;
-            sums.insert(Node::new(leaf, leaf + 1), Tensor::cat(flat, 0));
+            head_sums.insert(leaf, self.grads_of(&head, &grads));
+            let upstream = cut
+                .grad(&grads)
+                .ok_or_else(|| Error::Tensor("the features have no gradient".into()))?;
+            phases.backward += clock.elapsed();
+
+            if early == Early::Head && i + 1 == rows.len() {
+                // Every node's head is summed now: send it while the trunk's pass runs.
+                let offset = self.trunk_len();
+                for &node in nodes {
+                    let sum = self.node_sum(node, first, batches.len(), &mut head_sums, phases)?;
+                    let values = self.download(sum, phases)?;
+                    ready(Piece {
+                        node,
+                        offset,
+                        values,
+                        loss_sum: 0.0,
+                    })?;
+                }
+            }
+
+            let clock = Instant::now();
+            let grads = (features * upstream).sum().backward();
+            trunk_sums.insert(leaf, self.grads_of(&trunk, &grads));
             phases.backward += clock.elapsed();
         }
         let clock = Instant::now();
@@ -323,35 +476,91 @@ impl Engine {
             .collect();
         phases.download += clock.elapsed();
 
-        let mut out = Vec::with_capacity(nodes.len());
+        let mut examples = Vec::with_capacity(nodes.len());
         for &node in nodes {
-            let clock = Instant::now();
-            let sum = combine_by(node, &mut sums, &mut |a, b| a + b).ok_or_else(|| {
-                Error::BadBatch(format!(
-                    "node {}..{} is not made of the leaves {first}..{} (once each)",
-                    node.lo,
-                    node.hi,
-                    first + batches.len() as u32
-                ))
-            })?;
-            phases.reduce += clock.elapsed();
-            let clock = Instant::now();
-            let values = to_vec(sum)?;
-            phases.download += clock.elapsed();
+            let mut sum = self.node_sum(node, first, batches.len(), &mut trunk_sums, phases)?;
+            if early == Early::No {
+                sum.extend(self.node_sum(node, first, batches.len(), &mut head_sums, phases)?);
+            }
+            let values = self.download(sum, phases)?;
             let under = (node.lo - first) as usize..(node.hi - first) as usize;
-            out.push(Gradient {
+            ready(Piece {
+                node,
+                offset: 0,
                 values,
                 loss_sum: losses[under.clone()].iter().sum(),
-                examples: rows[under].iter().sum::<usize>() as u32,
-            });
+            })?;
+            examples.push(rows[under].iter().sum::<usize>() as u32);
         }
-        Ok(out)
+        Ok(examples)
+    }
+
+    /// The gradients of `leaves` in `grads`; a parameter the loss does not reach has a zero
+    /// gradient.
+    fn grads_of(&self, leaves: &[Tensor<1>], grads: &burn::tensor::Gradients) -> Vec<Tensor<1>> {
+        leaves
+            .iter()
+            .map(|leaf| {
+                leaf.grad(grads)
+                    .unwrap_or_else(|| Tensor::zeros([leaf.dims()[0]], &self.device))
+            })
+            .collect()
+    }
+
+    /// The sum at `node` of the per-parameter gradients of the leaves in `sums` (taken out of
+    /// it), added along the tree parameter by parameter.
+    fn node_sum(
+        &self,
+        node: Node,
+        first: u32,
+        leaves: usize,
+        sums: &mut BTreeMap<Node, Vec<Tensor<1>>>,
+        phases: &mut Phases,
+    ) -> Result<Vec<Tensor<1>>, Error> {
+        let clock = Instant::now();
+        let add = &mut |a: Vec<Tensor<1>>, b: Vec<Tensor<1>>| {
+            a.into_iter().zip(b).map(|(a, b)| a + b).collect()
+        };
+        let sum = combine_by(node, sums, add).ok_or_else(|| {
+            Error::BadBatch(format!(
+                "node {}..{} is not made of the leaves {first}..{} (once each)",
+                node.lo,
+                node.hi,
+                first + leaves as u32
+            ))
+        })?;
+        phases.reduce += clock.elapsed();
+        Ok(sum)
+    }
+
+    /// Per-parameter tensors joined into one flat vector on the host (one read from the
+    /// device).
+    fn download(&self, parts: Vec<Tensor<1>>, phases: &mut Phases) -> Result<Vec<f32>, Error> {
+        let clock = Instant::now();
+        let values = to_vec(Tensor::cat(parts, 0))?;
+        phases.download += clock.elapsed();
+        Ok(values)
+    }
+
+    /// The index of the first of the head's parameters (the two dense layers, weight and bias
+    /// each, which both models end with).
+    fn head_start(&self) -> usize {
+        self.params.len() - 4
+    }
+
+    /// How many of the flat vector's values are the trunk's (the convolutions'): the head's
+    /// start there.
+    pub fn trunk_len(&self) -> usize {
+        self.params[..self.head_start()]
+            .iter()
+            .map(ParamSpec::len)
+            .sum()
     }
 
     /// Predicted classes for `images`, evaluated in chunks with dropout off.
     pub fn predict(&self, params: &[f32], images: &[u8]) -> Result<Vec<u8>, Error> {
         const CHUNK: usize = 500;
-        let leaves = self.upload(params.to_vec().into(), &self.device)?;
+        let leaves = self.upload(params.to_vec().into(), &self.params, &self.device)?;
         let mut out = Vec::with_capacity(images.len() / PIXELS);
         for chunk in images.chunks(CHUNK * PIXELS) {
             let logits = self.forward(&leaves, images_tensor([chunk], &self.device), None);
@@ -379,10 +588,16 @@ impl Engine {
         Ok(correct as f64 / split.len() as f64)
     }
 
-    /// The parameters on `device`: one flat tensor (the vector itself where the device is the
-    /// host), cut into one tensor per parameter (views of it where the backend has views).
-    fn upload(&self, params: Params, device: &Device) -> Result<Vec<Tensor<1>>, Error> {
-        let n = self.param_count;
+    /// The parameters of `specs` on `device`: one flat tensor (the vector itself where the
+    /// device is the host), cut into one tensor per parameter (views of it where the backend
+    /// has views).
+    fn upload(
+        &self,
+        params: Params,
+        specs: &[ParamSpec],
+        device: &Device,
+    ) -> Result<Vec<Tensor<1>>, Error> {
+        let n: usize = specs.iter().map(ParamSpec::len).sum();
         let data = match params {
             Params::Values(values) if values.len() == n => TensorData::new(values, [n]),
             Params::Values(values) => {
@@ -407,8 +622,7 @@ impl Engine {
         };
         let flat = Tensor::<1>::from_data(data, device);
         let mut at = 0;
-        Ok(self
-            .params
+        Ok(specs
             .iter()
             .map(|p| {
                 let piece = flat.clone().slice(at..at + p.len());
@@ -447,6 +661,16 @@ impl Engine {
     /// - `dropout`: `[n, hidden]`, or `None` for evaluation
     /// - returns logits `[n, 10]`
     fn forward(&self, leaves: &[Tensor<1>], x: Tensor<4>, dropout: Option<Tensor<2>>) -> Tensor<2> {
+        let (trunk, head) = leaves.split_at(self.head_start());
+        self.head(head, self.trunk(trunk, x), dropout)
+    }
+
+    /// The convolutions and pools, with the trunk's leaves (the parameters before the head).
+    ///
+    /// # Shapes
+    /// - `x`: `[n, 1, 28, 28]`
+    /// - returns the features, flattened in PyTorch's (NCHW) order: `[n, flat_features]`
+    fn trunk(&self, leaves: &[Tensor<1>], x: Tensor<4>) -> Tensor<2> {
         let mut w = Weights {
             leaves,
             specs: &self.params,
@@ -471,8 +695,21 @@ impl Engine {
         };
         let x = pool2d(x, pool, 2, 2);
         let [n, c, h, wd] = x.dims();
-        // NCHW flatten, PyTorch's order.
-        let x: Tensor<2> = x.reshape([n, c * h * wd]);
+        x.reshape([n, c * h * wd])
+    }
+
+    /// The two dense layers, with the head's leaves.
+    ///
+    /// # Shapes
+    /// - `x`: `[n, flat_features]`
+    /// - `dropout`: `[n, hidden]`, or `None` for evaluation
+    /// - returns logits `[n, 10]`
+    fn head(&self, leaves: &[Tensor<1>], x: Tensor<2>, dropout: Option<Tensor<2>>) -> Tensor<2> {
+        let mut w = Weights {
+            leaves,
+            specs: &self.params[self.head_start()..],
+            next: 0,
+        };
         let mut x = relu(w.dense(x));
         if let Some(mask) = dropout {
             x = x * mask;
@@ -806,6 +1043,94 @@ mod tests {
             .map(|b| engine.gradients(&params, &[*b]).unwrap().remove(0))
             .collect();
         assert_same_bits(&together, &alone, &format!("{backend}, together and alone"));
+    }
+
+    /// A worker's way in: the parameters in two pieces (the trunk's as values, the head's as
+    /// wire bytes, as they come) and the node sums handed out in pieces. Each node's pieces
+    /// cover its vector once and hold the bits [`Engine::node_gradients`] gives whole, with
+    /// the node's loss; on the host the head's pieces of all nodes come first. On libtorch
+    /// too in a `tch` build.
+    #[test]
+    fn pieces_from_parameters_in_two_give_the_bits_of_the_whole_computation() {
+        let tch = cfg!(feature = "tch").then_some(BackendKind::Tch);
+        for backend in std::iter::once(BackendKind::Flex).chain(tch) {
+            let engine = Engine::new(ModelSpec::SEED, backend, "cpu", 0.75).unwrap();
+            let params = ModelSpec::SEED.init(11);
+            let (images, labels) = digits(12);
+            let batches = unequal_leaves(&images, &labels);
+            let nodes = [Node::new(0, 2), Node::new(2, 3)];
+            let mut phases = Phases::default();
+            let whole = engine
+                .node_gradients(params.clone(), 0, &batches, &nodes, &mut phases)
+                .unwrap();
+            let cut = engine.trunk_len();
+            let head = crate::codec::encode_f32(&params[cut..]);
+            let incoming = Incoming::InTwo {
+                trunk: params[..cut].to_vec().into(),
+                head: Box::new(move || Ok(Params::LeF32(head.into()))),
+            };
+            let mut pieces = Vec::new();
+            engine
+                .node_gradients_in_pieces(incoming, 0, &batches, &nodes, &mut phases, &mut |p| {
+                    pieces.push(p);
+                    Ok(())
+                })
+                .unwrap();
+            let order: Vec<(u32, usize)> = pieces.iter().map(|p| (p.node.lo, p.offset)).collect();
+            assert_eq!(order, [(0, cut), (2, cut), (0, 0), (2, 0)], "{backend}");
+            let joined: Vec<Gradient> = nodes
+                .iter()
+                .zip(&whole)
+                .map(|(&node, w)| {
+                    let mut values = vec![f32::NAN; w.values.len()];
+                    let mut loss_sum = 0.0;
+                    for p in pieces.iter().filter(|p| p.node == node) {
+                        values[p.offset..p.offset + p.values.len()].copy_from_slice(&p.values);
+                        loss_sum += p.loss_sum;
+                    }
+                    Gradient {
+                        values,
+                        loss_sum,
+                        examples: w.examples,
+                    }
+                })
+                .collect();
+            assert_same_bits(&whole, &joined, &format!("{backend}, pieces and whole"));
+        }
+    }
+
+    /// The head's parameters that never come stop the computation with the caller's error,
+    /// before any piece is handed out.
+    #[test]
+    fn parameters_that_do_not_come_stop_the_computation() {
+        let engine = Engine::new(ModelSpec::SEED, BackendKind::Flex, "cpu", 0.75).unwrap();
+        let params = ModelSpec::SEED.init(1);
+        let (images, labels) = digits(4);
+        let batch = [MicroBatch {
+            images: &images,
+            labels: &labels,
+            dropout_seed: 0,
+        }];
+        let incoming = Incoming::InTwo {
+            trunk: params[..engine.trunk_len()].to_vec().into(),
+            head: Box::new(|| Err(Error::Tensor("the stream broke".into()))),
+        };
+        let mut pieces = 0;
+        let err = engine
+            .node_gradients_in_pieces(
+                incoming,
+                0,
+                &batch,
+                &[Node::new(0, 1)],
+                &mut Phases::default(),
+                &mut |_| {
+                    pieces += 1;
+                    Ok(())
+                },
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("the stream broke"), "{err}");
+        assert_eq!(pieces, 0);
     }
 
     /// A task's parameters go to the engine as the wire's bytes (f32): the gradients must be

@@ -286,7 +286,8 @@ impl Trainer for TrainerService {
             .expected_nodes(worker, task_id, step, Instant::now());
         let expected = expected.map_err(|e| self.refuse(worker, &address, e))?;
         let data = self.shared.step_data().filter(|d| d.step == step);
-        // The nodes as their parts come in, in order; each checked once all have come.
+        // The nodes as their parts come in (a node's first part in the task's node order, its
+        // parts at any offset); each checked once all have come.
         let mut open: Vec<OpenNode> = Vec::with_capacity(expected.len());
         let mut bytes = 0u64;
         let mut part = Some(first);
@@ -303,8 +304,17 @@ impl Trainer for TrainerService {
                     return Err(self.bad_input(worker, &address, "gradient without its tree node"));
                 };
                 let node = Node::new(range.lo, range.hi);
-                if open.last().is_none_or(|o| o.node != node) {
-                    if expected.get(open.len()) != Some(&node) {
+                let at = match open.iter().position(|o| o.node == node) {
+                    Some(at) => at,
+                    None if expected.get(open.len()) == Some(&node) => {
+                        open.push(OpenNode {
+                            node,
+                            values: PartsDecoder::new(self.shared.wire, self.shared.param_count),
+                            loss_sum: 0.0,
+                        });
+                        open.len() - 1
+                    }
+                    None => {
                         let mut got: Vec<Node> = open.iter().map(|o| o.node).collect();
                         got.push(node);
                         let e = CoreError::WrongNodes {
@@ -313,27 +323,10 @@ impl Trainer for TrainerService {
                         };
                         return Err(self.refuse(worker, &address, e));
                     }
-                    open.push(OpenNode {
-                        node,
-                        values: PartsDecoder::new(self.shared.wire, self.shared.param_count),
-                        loss_sum: 0.0,
-                    });
-                }
-                let Some(o) = open.last_mut() else {
-                    unreachable!("a node was just opened or continued")
                 };
-                if g.offset != o.values.decoded() as u64 {
-                    let why = format!(
-                        "a part of node {}..{} at value {}, not {}: parts come in order",
-                        o.node.lo,
-                        o.node.hi,
-                        g.offset,
-                        o.values.decoded()
-                    );
-                    return Err(self.bad_input(worker, &address, &why));
-                }
-                o.values.push(&g.gradient).map_err(|e| {
-                    let why = format!("gradient of the wrong length: {e}");
+                let o = &mut open[at];
+                o.values.push_at(g.offset, &g.gradient).map_err(|e| {
+                    let why = format!("node {}..{}: {e}", o.node.lo, o.node.hi);
                     self.bad_input(worker, &address, &why)
                 })?;
                 o.loss_sum += g.loss_sum;

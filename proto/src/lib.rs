@@ -20,7 +20,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dtra
 
 /// Bumped on any incompatible change of the contract. A worker whose version differs is refused
 /// at registration with `FAILED_PRECONDITION`.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The largest gRPC message either side accepts or sends: 64 MiB. Tensors travel in parts of
 /// [`TENSOR_PART_BYTES`] (a task's parameters after it, see [`receive_work`]; a submission's
@@ -46,9 +46,10 @@ pub fn largest_task_bytes(images: usize, leaves: usize) -> usize {
 /// the wire and the receiver decodes (or copies) each while the next is in flight.
 pub const TENSOR_PART_BYTES: usize = 1024 * 1024;
 
-/// A node's whole gradient (`whole`, in a wire format of `value_bytes` bytes per value) as the
-/// parts of a submission: slices of at most [`TENSOR_PART_BYTES`] (whole values, sharing its
-/// memory), each with its offset, the loss on the first.
+/// A piece of a node's gradient (`whole`, in a wire format of `value_bytes` bytes per value,
+/// starting at value `whole.offset`) as the parts of a submission: slices of at most
+/// [`TENSOR_PART_BYTES`] (whole values, sharing its memory), each with its offset, the loss on
+/// the first.
 pub fn gradient_parts(whole: NodeGradient, value_bytes: usize) -> Vec<NodeGradient> {
     let part_len = TENSOR_PART_BYTES / value_bytes * value_bytes;
     let gradient = &whole.gradient;
@@ -58,7 +59,7 @@ pub fn gradient_parts(whole: NodeGradient, value_bytes: usize) -> Vec<NodeGradie
             node: whole.node,
             gradient: gradient.slice(start..(start + part_len).min(gradient.len())),
             loss_sum: if start == 0 { whole.loss_sum } else { 0.0 },
-            offset: (start / value_bytes) as u64,
+            offset: whole.offset + (start / value_bytes) as u64,
         })
         .collect()
 }
@@ -90,38 +91,86 @@ pub enum Work {
     Shutdown(String),
 }
 
+/// The first message of a `GetWork` reply.
+#[derive(Debug)]
+pub enum Offer {
+    /// A task; its parameters follow ([`receive_params`]).
+    Task(Task),
+    /// Nothing to do yet: ask again.
+    Wait,
+    /// The job is over, for this reason.
+    Shutdown(String),
+}
+
 /// Reads the reply stream of a `GetWork` call: its first message, and after a task the parts of
-/// its parameters (`values` values of `value_bytes` bytes), gathered into one buffer as they
-/// come, each part copied while the next is on the wire. A stream that breaks the protocol (a
-/// part out of order or past the end, the vector not whole at the end) is an `INTERNAL` error;
-/// a step abandoned while its parameters were streaming ends the call with `ABORTED`.
+/// its parameters (`values` values of `value_bytes` bytes), whole (see [`receive_params`]).
 pub async fn receive_work(
     replies: &mut tonic::Streaming<GetWorkResponse>,
     values: usize,
     value_bytes: usize,
 ) -> Result<Work, tonic::Status> {
+    Ok(match receive_offer(replies).await? {
+        Offer::Task(task) => {
+            let mut params = Bytes::new();
+            let rest = receive_params(replies, values, value_bytes, values, |all| params = all);
+            rest.await?;
+            Work::Task(task, params)
+        }
+        Offer::Wait => Work::Wait,
+        Offer::Shutdown(reason) => Work::Shutdown(reason),
+    })
+}
+
+/// Reads the first message of a `GetWork` reply stream.
+pub async fn receive_offer(
+    replies: &mut tonic::Streaming<GetWorkResponse>,
+) -> Result<Offer, tonic::Status> {
     use get_work_response::Reply;
-    let task = match replies.message().await? {
+    match replies.message().await? {
         Some(GetWorkResponse {
             reply: Some(Reply::Task(task)),
-        }) => task,
+        }) => Ok(Offer::Task(task)),
         Some(GetWorkResponse {
             reply: Some(Reply::Shutdown(s)),
-        }) => return Ok(Work::Shutdown(s.reason)),
+        }) => Ok(Offer::Shutdown(s.reason)),
         Some(GetWorkResponse {
             reply: Some(Reply::Wait(_)) | None,
-        }) => return Ok(Work::Wait),
+        }) => Ok(Offer::Wait),
         Some(GetWorkResponse {
             reply: Some(Reply::Params(_)),
-        }) => {
-            return Err(tonic::Status::internal(
-                "GetWork sent parameters before a task",
-            ));
-        }
-        None => return Err(tonic::Status::internal("GetWork ended without a reply")),
-    };
+        }) => Err(tonic::Status::internal(
+            "GetWork sent parameters before a task",
+        )),
+        None => Err(tonic::Status::internal("GetWork ended without a reply")),
+    }
+}
+
+/// Reads the parameters that follow a task (`values` values of `value_bytes` bytes), gathered
+/// into one buffer as they come, each part copied while the next is on the wire: hands the
+/// first `first` values to `first_ready` as soon as they have come (a worker starts computing
+/// with them), and returns the rest once the stream ends. A stream that breaks the protocol (a
+/// part out of order or past the end, the vector not whole at the end) is an `INTERNAL` error;
+/// a step abandoned while its parameters were streaming ends the call with `ABORTED`.
+pub async fn receive_params(
+    replies: &mut tonic::Streaming<GetWorkResponse>,
+    values: usize,
+    value_bytes: usize,
+    first: usize,
+    first_ready: impl FnOnce(Bytes),
+) -> Result<Bytes, tonic::Status> {
+    use get_work_response::Reply;
     let mut params = Gather::new(values, value_bytes);
-    while let Some(message) = replies.message().await? {
+    let mut first_ready = Some(first_ready);
+    let first_bytes = first.min(values) * value_bytes;
+    loop {
+        if params.have() >= first_bytes
+            && let Some(ready) = first_ready.take()
+        {
+            ready(params.take(first_bytes));
+        }
+        let Some(message) = replies.message().await? else {
+            break;
+        };
         let Some(Reply::Params(part)) = message.reply else {
             return Err(tonic::Status::internal(
                 "GetWork sent something other than parameters after a task",
@@ -129,12 +178,15 @@ pub async fn receive_work(
         };
         params.push(&part)?;
     }
-    Ok(Work::Task(task, params.finish()?))
+    params.finish()
 }
 
-/// A task's parameters gathered from their parts (see [`receive_work`]).
+/// A task's parameters gathered from their parts (see [`receive_params`]).
 struct Gather {
+    /// The bytes gathered and not yet taken.
     params: BytesMut,
+    /// Bytes taken from the front ([`take`](Self::take)).
+    taken: usize,
     values: usize,
     value_bytes: usize,
 }
@@ -143,14 +195,26 @@ impl Gather {
     fn new(values: usize, value_bytes: usize) -> Self {
         Gather {
             params: BytesMut::with_capacity(values * value_bytes),
+            taken: 0,
             values,
             value_bytes,
         }
     }
 
+    /// How many bytes have come.
+    fn have(&self) -> usize {
+        self.taken + self.params.len()
+    }
+
+    /// The first `bytes` of those gathered and not yet taken, taken out without a copy.
+    fn take(&mut self, bytes: usize) -> Bytes {
+        self.taken += bytes;
+        self.params.split_to(bytes).freeze()
+    }
+
     /// Adds the next part, refusing one out of order, of partial values or past the end.
     fn push(&mut self, part: &TensorPart) -> Result<(), tonic::Status> {
-        let have = self.params.len();
+        let have = self.have();
         let in_order = part.offset.checked_mul(self.value_bytes as u64) == Some(have as u64);
         if !in_order
             || have + part.values.len() > self.values * self.value_bytes
@@ -169,13 +233,13 @@ impl Gather {
         Ok(())
     }
 
-    /// The whole vector, refusing one that is not.
+    /// What was not taken, refusing a vector that is not whole.
     fn finish(self) -> Result<Bytes, tonic::Status> {
         let whole = self.values * self.value_bytes;
-        if self.params.len() != whole {
+        if self.have() != whole {
             return Err(tonic::Status::internal(format!(
                 "the task's parameters ended after {} of {whole} bytes",
-                self.params.len()
+                self.have()
             )));
         }
         Ok(self.params.freeze())
@@ -209,6 +273,32 @@ mod tests {
         let whole = gather.finish().unwrap();
         assert_eq!(whole.len(), 20);
         assert_eq!(&whole[12..], &part(3, 8).values[..]);
+    }
+
+    /// A worker takes the trunk's values while the rest still come: the front, taken without
+    /// a copy, and the rest give the whole vector, and the checks count the front in.
+    #[test]
+    fn the_front_taken_early_and_the_rest_make_the_whole_vector() {
+        let mut gather = Gather::new(5, 4);
+        gather.push(&part(0, 12)).unwrap();
+        let front = gather.take(8);
+        assert_eq!(&front[..], &part(0, 8).values[..]);
+        assert_eq!(gather.have(), 12);
+        let late = gather.push(&part(2, 4)).unwrap_err();
+        assert!(late.message().contains("after 3 of 5 values"), "{late:?}");
+        gather.push(&part(3, 8)).unwrap();
+        let rest = gather.finish().unwrap();
+        assert_eq!(rest.len(), 12);
+        assert_eq!(&rest[..4], &part(0, 12).values[8..]);
+        assert_eq!(&rest[4..], &part(3, 8).values[..]);
+        let mut short = Gather::new(5, 4);
+        short.push(&part(0, 12)).unwrap();
+        short.take(12);
+        let status = short.finish().unwrap_err();
+        assert!(
+            status.message().contains("ended after 12 of 20 bytes"),
+            "{status:?}"
+        );
     }
 
     #[test]

@@ -454,19 +454,20 @@ async fn hostile_client(name: &str, tls: bool) {
         Code::InvalidArgument,
     );
     // A node's gradient in two parts, the second claiming the first's place.
-    let mut out_of_order = answer(&reg, &task, &zeros[..n / 2]);
-    out_of_order.nodes.insert(1, out_of_order.nodes[0].clone());
-    let refusal = client.submit_gradients(one(out_of_order)).await;
-    // Refused for the order, not for a length it would also get wrong without the offset check.
+    let mut overlapping = answer(&reg, &task, &zeros[..n / 2]);
+    overlapping.nodes.insert(1, overlapping.nodes[0].clone());
+    let refusal = client.submit_gradients(one(overlapping)).await;
+    // Refused for the overlap, not for a length it would also get wrong without the offset
+    // check.
     assert!(
         refusal
             .as_ref()
-            .is_err_and(|e| e.message().contains("parts come in order")),
+            .is_err_and(|e| e.message().contains("overlaps values that already came")),
         "{refusal:?}"
     );
     expect(
         &mut refused,
-        "gradient parts out of order",
+        "overlapping gradient parts",
         refusal,
         Code::InvalidArgument,
     );

@@ -9,15 +9,15 @@ use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use clap::Parser;
 use common::codec::WireFormat;
-use common::engine::{BackendKind, Engine, MicroBatch, Params, Phases};
+use common::engine::{BackendKind, Engine, Incoming, MicroBatch, Params, Phases};
 use common::model::{ModelKind, ModelSpec, Pool};
 use common::schedule::Schedule;
 use common::tree::Node;
 use proto::trainer_client::TrainerClient;
 use proto::transport::{AuthChannel, ClientSecurity, Role, SecurityArgs, TransportError};
 use proto::{
-    FailureKind, FailureReport, GetWorkRequest, HeartbeatRequest, NodeGradient, NodeRange,
-    RegisterRequest, SubmitRequest, Task, Work,
+    FailureKind, FailureReport, GetWorkRequest, HeartbeatRequest, NodeGradient, NodeRange, Offer,
+    RegisterRequest, SubmitRequest, Task,
 };
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -145,6 +145,10 @@ pub enum WorkerError {
     BadTask(String),
     #[error("the loss or gradient of {0} is NaN or infinite")]
     NonFinite(String),
+    /// The rest of a task's parameters did not come (the `GetWork` call failed while they
+    /// streamed): not the device's fault, and not reported as a failed shard.
+    #[error("the task's parameters did not come: {}", .0.message())]
+    Lost(Status),
     #[error("this worker failed {failures} shards in a row on {device}; stopping (last: {last})")]
     Sick {
         failures: u32,
@@ -331,11 +335,16 @@ impl Health {
 #[derive(Debug, Default)]
 struct ShardTimes {
     shards: u32,
-    /// From asking for work to holding the task: the coordinator's step (the tree sum and SGD)
-    /// and the task's download; with several workers, also the wait for the round's slowest.
+    /// From asking for work to holding the task: the coordinator's step (the tree sum; the
+    /// SGD pass runs after the next step opens) and the task's download; with several
+    /// workers, also the wait for the round's slowest. The parameters come after the task:
+    /// the wait for the trunk's is in `first_params`, the wait for the head's in the engine's
+    /// upload.
     wait: Duration,
     compute: ComputeTimes,
-    /// The node sums sent (encoded and streamed), until the coordinator's answer.
+    /// From the compute's end to the coordinator's answer: what of the node sums the network
+    /// had not yet taken (on a CPU the dense layers' part goes out while the convolutions'
+    /// part is computed, so mostly the latter), the coordinator's last checks and its answer.
     submit: Duration,
 }
 
@@ -343,9 +352,7 @@ impl ShardTimes {
     fn add(&mut self, wait: Duration, compute: &ComputeTimes, submit: Duration) {
         self.shards += 1;
         self.wait += wait;
-        self.compute.decode += compute.decode;
-        self.compute.engine += compute.engine;
-        self.compute.check += compute.check;
+        self.compute += *compute;
         self.submit += submit;
     }
 
@@ -356,11 +363,11 @@ impl ShardTimes {
         let ms = |d: Duration| d.as_secs_f64() * 1e3 / f64::from(self.shards);
         let (c, e) = (&self.compute, &self.compute.engine);
         info!(
-            "time per shard, mean of {} (ms): wait for the task {:.2}, decode {:.2}, upload {:.2}, \
+            "time per shard, mean of {} (ms): wait for the task {:.2}, first parameters {:.2}, upload {:.2}, \
              forward {:.2}, backward {:.2}, reduce {:.2}, download {:.2}, check {:.2}, submit {:.2}",
             self.shards,
             ms(self.wait),
-            ms(c.decode),
+            ms(c.first_params),
             ms(e.upload),
             ms(e.forward),
             ms(e.backward),
@@ -375,12 +382,21 @@ impl ShardTimes {
 /// Where [`compute`] spent its time.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ComputeTimes {
-    /// The parameters decoded from the wire (bf16; f32 goes to the engine as it came).
-    pub decode: Duration,
+    /// The trunk's parameters waited for and decoded from the wire (bf16; f32 goes to the
+    /// engine as it came). The head's come while the engine computes (its upload phase).
+    pub first_params: Duration,
     /// The engine's phases.
     pub engine: Phases,
-    /// The node sums checked finite and taken as the wire's bytes.
+    /// The node sums' pieces checked finite and taken as the wire's bytes.
     pub check: Duration,
+}
+
+impl std::ops::AddAssign for ComputeTimes {
+    fn add_assign(&mut self, other: ComputeTimes) {
+        self.first_params += other.first_params;
+        self.engine += other.engine;
+        self.check += other.check;
+    }
 }
 
 /// Who this worker is to the coordinator process it registered with.
@@ -412,12 +428,12 @@ async fn work(
                 times.log();
                 return Ok(());
             }
-            r = ask_for_work(client, me, engine.param_count()) => r,
+            r = ask_for_work(client, me) => r,
         };
-        let (task, params) = match reply {
-            Ok(Work::Task(task, params)) => (task, params),
-            Ok(Work::Wait) => continue,
-            Ok(Work::Shutdown(reason)) => {
+        let (task, mut replies) = match reply {
+            Ok((Offer::Task(task), replies)) => (task, replies),
+            Ok((Offer::Wait, _)) => continue,
+            Ok((Offer::Shutdown(reason), _)) => {
                 info!(reason, shards = answered, "job over; exiting");
                 times.log();
                 return Ok(());
@@ -434,6 +450,34 @@ async fn work(
         let (step, task_id) = (task.step, task.task_id);
         let inject = health.to_inject > 0;
         health.to_inject = health.to_inject.saturating_sub(1);
+        // The parameters follow the task. The compute starts with the trunk's (the first part)
+        // and waits for the head's (the rest) only once the first micro-batch's forward pass
+        // through the trunk is done: meanwhile the coordinator still writes and sends them.
+        let (trunk_ready, trunk) = tokio::sync::oneshot::channel();
+        let (rest_ready, rest) = tokio::sync::oneshot::channel();
+        let (values, trunk_len) = (engine.param_count(), engine.trunk_len());
+        let receiving = tokio::spawn(async move {
+            let received = proto::receive_params(
+                &mut replies,
+                values,
+                me.wire.bytes_per_value(),
+                trunk_len,
+                |trunk| drop(trunk_ready.send(trunk)),
+            );
+            let received = tokio::time::timeout(CALL_TIMEOUT, received)
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("GetWork took too long")));
+            let _ = rest_ready.send(received);
+        });
+        // The node sums go out in parts of 1 MiB, one message each, as the engine hands them
+        // out (on a CPU the dense layers' first, while it computes the convolutions'): the
+        // coordinator decodes and checks one part while the next is on the wire, and no
+        // message nears the size bound.
+        let (parts, to_send) = tokio::sync::mpsc::channel(PARTS_IN_FLIGHT);
+        let call = tokio::spawn(submit(client.clone(), to_send));
+        // Held here so that the submission ends (and is whole) only when the compute has
+        // succeeded; a failed compute cancels the call instead.
+        let held = parts.clone();
         let e = engine.clone();
         let computed = tokio::task::spawn_blocking(move || {
             if inject {
@@ -441,9 +485,47 @@ async fn work(
                     "injected device failure (--inject-shard-failures)".into(),
                 )));
             }
+            // The parameters that did not come: why.
+            let lost = |why: Result<Result<Bytes, Status>, _>| match why {
+                Ok(Err(status)) => status,
+                _ => Status::internal("the task's parameters were dropped"),
+            };
             let mut compute_times = ComputeTimes::default();
-            compute(&e, &task, &params, me.wire, &mut compute_times)
-                .map(|nodes| (nodes, compute_times))
+            let started = Instant::now();
+            let Ok(trunk) = trunk.blocking_recv() else {
+                return Err(WorkerError::Lost(lost(rest.blocking_recv())));
+            };
+            compute_times.first_params += started.elapsed();
+            let rest = move || match rest.blocking_recv() {
+                Ok(Ok(rest)) => Ok(rest),
+                why => Err(lost(why)),
+            };
+            let mut send = |piece: NodeGradient| {
+                for part in proto::gradient_parts(piece, me.wire.bytes_per_value()) {
+                    let part = SubmitRequest {
+                        worker_id: me.id,
+                        incarnation: me.incarnation,
+                        task_id,
+                        step,
+                        nodes: vec![part],
+                    };
+                    // A call already over (refused, or the coordinator lost) says so in its
+                    // answer; the rest of the compute is wasted, never stuck.
+                    if parts.blocking_send(part).is_err() {
+                        break;
+                    }
+                }
+            };
+            compute(
+                &e,
+                &task,
+                trunk,
+                rest,
+                me.wire,
+                &mut compute_times,
+                &mut send,
+            )
+            .map(|()| compute_times)
         })
         .await
         .unwrap_or_else(|panic| {
@@ -451,9 +533,21 @@ async fn work(
                 "the engine panicked: {panic}"
             ))))
         });
-        let (nodes, compute_times) = match computed {
+        let compute_times = match computed {
             Ok(done) => done,
             Err(err) => {
+                receiving.abort();
+                call.abort();
+                let _ = call.await;
+                drop(held);
+                if let WorkerError::Lost(status) = err {
+                    // As a `GetWork` call that failed: ABORTED (the step was abandoned while
+                    // its parameters came; the job failed): ask again, to hear why. Any other
+                    // error ends this session (see `run`).
+                    ignore_races(status)?;
+                    asked = Instant::now();
+                    continue;
+                }
                 warn!(step, error = %err, "could not compute this shard; reporting it");
                 client
                     .report_failure(FailureReport {
@@ -477,21 +571,13 @@ async fn work(
             }
         };
         health.in_a_row = 0;
-        // Each node's gradient in parts of 1 MiB, one message each: the coordinator decodes and
-        // checks one part while the next is on the wire, and no message nears the size bound.
-        let parts: Vec<SubmitRequest> = nodes
-            .into_iter()
-            .flat_map(|n| proto::gradient_parts(n, me.wire.bytes_per_value()))
-            .map(|node| SubmitRequest {
-                worker_id: me.id,
-                incarnation: me.incarnation,
-                task_id,
-                step,
-                nodes: vec![node],
-            })
-            .collect();
+        drop(held);
         let sent = Instant::now();
-        let submitted = client.submit_gradients(tokio_stream::iter(parts)).await;
+        let submitted = match call.await {
+            Ok(Some(answer)) => answer,
+            Ok(None) => Err(Status::invalid_argument("a task without tree nodes")),
+            Err(e) => Err(Status::internal(format!("the submission failed: {e}"))),
+        };
         if !std::mem::take(&mut first) {
             times.add(wait, &compute_times, sent.elapsed());
         }
@@ -511,20 +597,39 @@ async fn work(
     }
 }
 
-/// One `GetWork` call: its reply, and for a task its parameters (`values` values), whole. The
-/// call's deadline covers the parameters too.
+/// Parts of a submission queued for the wire at most (1 MiB each): the compute waits for the
+/// network beyond that.
+const PARTS_IN_FLIGHT: usize = 16;
+
+/// One `SubmitGradients` call streaming `parts` as the compute hands them over; `None` when
+/// none came. The call starts with the first part, so its deadline covers what follows it
+/// (on a CPU, one micro-batch's backward pass through the convolutions) and the upload, not
+/// the whole shard.
+async fn submit(
+    mut client: TrainerClient<AuthChannel>,
+    mut parts: tokio::sync::mpsc::Receiver<SubmitRequest>,
+) -> Option<Result<tonic::Response<proto::SubmitResponse>, Status>> {
+    use tokio_stream::StreamExt;
+    let first = parts.recv().await?;
+    let stream =
+        tokio_stream::once(first).chain(tokio_stream::wrappers::ReceiverStream::new(parts));
+    Some(client.submit_gradients(stream).await)
+}
+
+/// One `GetWork` call: its first reply, and the stream a task's parameters follow on (see
+/// [`proto::receive_params`]).
 async fn ask_for_work(
     client: &mut TrainerClient<AuthChannel>,
     me: Me,
-    values: usize,
-) -> Result<Work, Status> {
+) -> Result<(Offer, tonic::Streaming<proto::GetWorkResponse>), Status> {
     let asked = async {
         let request = GetWorkRequest {
             worker_id: me.id,
             incarnation: me.incarnation,
         };
         let mut replies = client.get_work(request).await?.into_inner();
-        proto::receive_work(&mut replies, values, me.wire.bytes_per_value()).await
+        let offer = proto::receive_offer(&mut replies).await?;
+        Ok((offer, replies))
     };
     tokio::time::timeout(CALL_TIMEOUT, asked)
         .await
@@ -542,27 +647,45 @@ fn ignore_races(s: Status) -> Result<(), Status> {
     }
 }
 
-/// Computes a task's node gradients at `params`; tensors come and go in `wire` format. Adds
-/// where the time went to `times`.
+/// Computes a task's node gradients and hands them to `send` piece by piece as the engine has
+/// them, each checked finite and encoded; tensors come and go in `wire` format. The parameters
+/// come in two pieces: the trunk's (`trunk`, the first [`Engine::trunk_len`] values) and the
+/// rest, which `rest` waits for (its error is [`WorkerError::Lost`]). Adds where the time went
+/// to `times`.
 pub fn compute(
     engine: &Engine,
     task: &Task,
-    params: &Bytes,
+    trunk: Bytes,
+    rest: impl FnOnce() -> Result<Bytes, Status>,
     wire: WireFormat,
     times: &mut ComputeTimes,
-) -> Result<Vec<NodeGradient>, WorkerError> {
+    send: &mut dyn FnMut(NodeGradient),
+) -> Result<(), WorkerError> {
     let bad = |m: String| WorkerError::BadTask(m);
-    let started = Instant::now();
-    let n = engine.param_count();
-    let params = match wire {
-        // The bytes as they came: the engine takes them with as few copies as its backend
-        // allows (libtorch: none before its own).
-        WireFormat::F32 if params.len() == n * 4 => Params::LeF32(params.clone()),
-        _ => common::codec::decode(wire, params, n)
-            .map_err(|e| bad(format!("parameters: {e}")))?
-            .into(),
+    // The bytes as they came where they are f32: the engine takes them with as few copies as
+    // its backend allows (libtorch: none before its own).
+    let params = move |bytes: Bytes, values: usize| match wire {
+        WireFormat::F32 if bytes.len() == values * 4 => Ok(Params::LeF32(bytes)),
+        _ => common::codec::decode(wire, &bytes, values)
+            .map(Params::from)
+            .map_err(|e| WorkerError::BadTask(format!("parameters: {e}"))),
     };
-    times.decode += started.elapsed();
+    let started = Instant::now();
+    let trunk_len = engine.trunk_len();
+    let trunk = params(trunk, trunk_len)?;
+    times.first_params += started.elapsed();
+    // The rest's failure, to tell apart from the engine's own.
+    let mut rest_failed = None;
+    let head = Box::new(|| {
+        let got = rest()
+            .map_err(WorkerError::Lost)
+            .and_then(|bytes| params(bytes, engine.param_count() - trunk_len));
+        got.map_err(|e| {
+            let text = e.to_string();
+            rest_failed = Some(e);
+            common::Error::Tensor(text)
+        })
+    });
     let total: usize = task.leaf_sizes.iter().map(|&s| s as usize).sum();
     let px = common::mnist::PIXELS;
     if task.labels.len() != total || task.images.len() != total * px {
@@ -602,36 +725,50 @@ pub fn compute(
     }
     // The engine refuses a malformed batch (no micro-batches, a label that is not a digit): the
     // task's fault, reported as such; any other engine error is the device's.
-    let sums = engine
-        .node_gradients(params, first, &batches, &nodes, &mut times.engine)
-        .map_err(|e| match e {
-            common::Error::BadBatch(m) => bad(m),
-            e => WorkerError::Compute(e),
-        })?;
-    let started = Instant::now();
-    // The coordinator's own check of a gradient: its norm is finite exactly when every value
-    // is (an f32's square cannot overflow an f64 sum), and the pass vectorises.
-    let finite = sums
-        .iter()
-        .all(|s| s.loss_sum.is_finite() && common::sgd::l2_norm(&s.values).is_finite());
-    if !finite {
-        return Err(WorkerError::NonFinite(format!(
+    let mut non_finite = false;
+    let mut check = Duration::ZERO;
+    let computed = engine.node_gradients_in_pieces(
+        Incoming::InTwo { trunk, head },
+        first,
+        &batches,
+        &nodes,
+        &mut times.engine,
+        &mut |piece| {
+            let started = Instant::now();
+            // The coordinator's own check of a gradient: its norm is finite exactly when
+            // every value is (an f32's square cannot overflow an f64 sum), and the pass
+            // vectorises.
+            if !(piece.loss_sum.is_finite() && common::sgd::l2_norm(&piece.values).is_finite()) {
+                non_finite = true;
+                return Err(common::Error::Tensor("not finite".into()));
+            }
+            let node = NodeGradient {
+                node: Some(NodeRange {
+                    lo: piece.node.lo,
+                    hi: piece.node.hi,
+                }),
+                gradient: common::codec::encode_owned(wire, piece.values),
+                loss_sum: piece.loss_sum,
+                offset: piece.offset as u64,
+            };
+            check += started.elapsed();
+            send(node);
+            Ok(())
+        },
+    );
+    times.check += check;
+    if let Some(e) = rest_failed {
+        return Err(e);
+    }
+    match computed {
+        Ok(()) => Ok(()),
+        Err(_) if non_finite => Err(WorkerError::NonFinite(format!(
             "step {} leaves {first}..{last}",
             task.step + 1
-        )));
+        ))),
+        Err(common::Error::BadBatch(m)) => Err(bad(m)),
+        Err(e) => Err(WorkerError::Compute(e)),
     }
-    let nodes = nodes
-        .iter()
-        .zip(sums)
-        .map(|(n, sum)| NodeGradient {
-            node: Some(NodeRange { lo: n.lo, hi: n.hi }),
-            gradient: common::codec::encode_owned(wire, sum.values),
-            loss_sum: sum.loss_sum,
-            offset: 0,
-        })
-        .collect();
-    times.check += started.elapsed();
-    Ok(nodes)
 }
 
 /// Sends heartbeats until `stop`.
