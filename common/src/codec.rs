@@ -144,6 +144,9 @@ impl PartsDecoder {
             }));
         };
         let start = end - len;
+        if len == 0 {
+            return Ok(());
+        }
         let in_order = self.ranges.is_empty() && start == self.values.len();
         if in_order {
             for wire in bytes.chunks(crate::sgd::CACHE_BLOCK * width) {
@@ -166,10 +169,22 @@ impl PartsDecoder {
         if self.ranges.get(next).is_some_and(|r| r.start < end) {
             return Err(PartError::Overlap { offset, len });
         }
-        if len == 0 {
-            return Ok(());
+        // Ranges that touch are joined, and a vector scattered in more runs than any worker
+        // sends is refused: the list stays short whatever a peer sends.
+        let joins_before = next > 0 && self.ranges[next - 1].end == start;
+        let joins_after = self.ranges.get(next).is_some_and(|r| r.start == end);
+        match (joins_before, joins_after) {
+            (true, true) => {
+                self.ranges[next - 1].end = self.ranges[next].end;
+                self.ranges.remove(next);
+            }
+            (true, false) => self.ranges[next - 1].end = end,
+            (false, true) => self.ranges[next].start = start,
+            (false, false) if self.ranges.len() >= MAX_RUNS => {
+                return Err(PartError::Scattered { runs: MAX_RUNS });
+            }
+            (false, false) => self.ranges.insert(next, start..end),
         }
-        self.ranges.insert(next, start..end);
         let blocks = bytes.chunks(crate::sgd::CACHE_BLOCK * width);
         let mut at = start;
         for wire in blocks {
@@ -197,6 +212,10 @@ impl PartsDecoder {
     }
 }
 
+/// The most separate runs of values a vector arriving in parts may have at once (a worker's
+/// have 2 at most: the dense layers' values at the end, then the convolutions' at the start).
+const MAX_RUNS: usize = 64;
+
 /// A part of a vector ([`PartsDecoder`]) that cannot be taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PartError {
@@ -205,6 +224,8 @@ pub enum PartError {
     Length(#[from] WireLengthError),
     #[error("the part of {len} values at value {offset} overlaps values that already came")]
     Overlap { offset: u64, len: usize },
+    #[error("the parts leave the vector in more than {runs} separate runs")]
+    Scattered { runs: usize },
 }
 
 fn check_length(format: WireFormat, bytes: &[u8], expected: usize) -> Result<(), WireLengthError> {
@@ -401,6 +422,38 @@ mod tests {
         }
         assert_eq!(d.decoded(), 2);
         assert_eq!(d.finish().unwrap_err().got_bytes, 8);
+    }
+
+    /// An empty part anywhere changes nothing, and a peer cannot scatter a vector into more
+    /// runs than [`MAX_RUNS`]: touching runs are joined, the one too many is refused.
+    #[test]
+    fn empty_parts_are_nothing_and_scattered_parts_are_bounded() {
+        let mut d = PartsDecoder::new(WireFormat::F32, 3);
+        d.push_at(2, &[]).unwrap();
+        d.push_at(2, &encode_f32(&[3.0])).unwrap();
+        d.push_at(0, &encode_f32(&[1.0, 2.0])).unwrap();
+        assert_eq!(d.finish().unwrap().0, [1.0, 2.0, 3.0]);
+
+        let n = 4 * MAX_RUNS;
+        let mut d = PartsDecoder::new(WireFormat::F32, n);
+        // Every other value, from the end: one run each.
+        for i in (0..MAX_RUNS).rev() {
+            d.push_at((2 * i + 1) as u64, &encode_f32(&[1.0])).unwrap();
+        }
+        assert_eq!(
+            d.push_at(n as u64 - 1, &encode_f32(&[1.0])).unwrap_err(),
+            PartError::Scattered { runs: MAX_RUNS }
+        );
+        // The gaps filled join the runs into one, and the vector completes.
+        for i in 0..MAX_RUNS {
+            d.push_at((2 * i) as u64, &encode_f32(&[1.0])).unwrap();
+        }
+        d.push_at(
+            2 * MAX_RUNS as u64,
+            &encode_f32(&vec![1.0; n - 2 * MAX_RUNS]),
+        )
+        .unwrap();
+        assert_eq!(d.finish().unwrap().0, vec![1.0; n]);
     }
 
     #[test]

@@ -195,7 +195,9 @@ enum Early {
 /// host waits for running kernels only when it reads the losses and the sums back (in
 /// `download`; the uploads wait too, but come first, while the queue is empty), so there
 /// `forward` and `backward` count the time to queue their kernels and `download` the kernels
-/// still running.
+/// still running. Parameters that come in two pieces ([`Incoming::InTwo`]) add the wait for
+/// the head's to `upload`, and on a GPU their upload, after the first micro-batch's trunk is
+/// queued, the time its kernels still run.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Phases {
     /// The parameters (host copy, transfer, cut into leaves); the task's images, labels and

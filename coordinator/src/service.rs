@@ -334,6 +334,18 @@ impl Trainer for TrainerService {
             }
             part = parts.message().await?;
         }
+        // A worker that gives a submission up cancels its call, and hyper ends a request body
+        // reset with CANCEL as if it were complete: a submission that ends before every node
+        // is whole is abandoned, not malformed, and does not count against its sender. (What
+        // it cost is what any cancelled call costs.)
+        let whole = open.len() == expected.len() && open.iter().all(|o| o.values.is_complete());
+        if !whole {
+            let have: usize = open.iter().map(|o| o.values.decoded()).sum();
+            return Err(Status::cancelled(format!(
+                "the submission ended after {have} of {} values: taken as given up",
+                expected.len() * self.shared.param_count
+            )));
+        }
         let mut nodes = Vec::with_capacity(open.len());
         let mut loss_sum = 0.0;
         for o in open {

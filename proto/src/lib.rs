@@ -23,7 +23,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dtra
 pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The largest gRPC message either side accepts or sends: 64 MiB. Tensors travel in parts of
-/// [`TENSOR_PART_BYTES`] (a task's parameters after it, see [`receive_work`]; a submission's
+/// [`TENSOR_PART_BYTES`] (a task's parameters after it, see [`receive_params`]; a submission's
 /// gradients, see [`gradient_parts`]), so the bound is for a task's images: the coordinator checks
 /// both sizes for its job at start ([`largest_task_bytes`], [`largest_submission_part_bytes`]);
 /// no valid job comes near the bound (the largest, all 55,000 training images in one batch of

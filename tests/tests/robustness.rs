@@ -306,6 +306,11 @@ async fn a_shard_a_worker_cannot_compute_is_reported_and_redone() {
         let w = s.workers.iter().find(|w| w.name == name).unwrap();
         assert!(w.last_failure.contains("injected device failure"), "{w:?}");
     }
+    // The failures come once the first piece of each answer is out: the parts already sent
+    // never end as a submission (it would not be whole, and count against its sender).
+    for w in &s.workers {
+        assert_eq!(w.bad_inputs, 0, "{w:?}");
+    }
     let failures = |name: &str| {
         s.workers
             .iter()

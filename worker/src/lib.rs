@@ -86,7 +86,8 @@ pub struct Args {
     /// Speaks this protocol version (for testing version checks).
     #[arg(long, hide = true, default_value_t = proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,
-    /// Fails the first N shards as a broken device would (for testing failure reports).
+    /// Fails the first N shards as a broken device would, once the first piece of the answer
+    /// is out (for testing failure reports and the cancelled submission).
     #[arg(long, hide = true, default_value_t = 0)]
     pub inject_shard_failures: u32,
 }
@@ -423,12 +424,15 @@ async fn work(
     let mut first = true;
     let mut asked = Instant::now();
     loop {
+        // One deadline for the call: the first reply and a task's parameters after it.
+        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
         let reply = tokio::select! {
             _ = shutdown.cancelled() => {
                 times.log();
                 return Ok(());
             }
-            r = ask_for_work(client, me) => r,
+            r = tokio::time::timeout_at(deadline, ask_for_work(client, me)) => r
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("GetWork took too long"))),
         };
         let (task, mut replies) = match reply {
             Ok((Offer::Task(task), replies)) => (task, replies),
@@ -464,7 +468,7 @@ async fn work(
                 trunk_len,
                 |trunk| drop(trunk_ready.send(trunk)),
             );
-            let received = tokio::time::timeout(CALL_TIMEOUT, received)
+            let received = tokio::time::timeout_at(deadline, received)
                 .await
                 .unwrap_or_else(|_| Err(Status::deadline_exceeded("GetWork took too long")));
             let _ = rest_ready.send(received);
@@ -472,19 +476,15 @@ async fn work(
         // The node sums go out in parts of 1 MiB, one message each, as the engine hands them
         // out (on a CPU the dense layers' first, while it computes the convolutions'): the
         // coordinator decodes and checks one part while the next is on the wire, and no
-        // message nears the size bound.
-        let (parts, to_send) = tokio::sync::mpsc::channel(PARTS_IN_FLIGHT);
+        // message nears the size bound. The queue holds slices of the encoded sums, so it
+        // needs no bound of its own.
+        let (parts, to_send) = tokio::sync::mpsc::unbounded_channel();
         let call = tokio::spawn(submit(client.clone(), to_send));
-        // Held here so that the submission ends (and is whole) only when the compute has
-        // succeeded; a failed compute cancels the call instead.
+        // The submission ends on the mark this sender puts after a compute that succeeded; a
+        // failed compute cancels the call instead.
         let held = parts.clone();
         let e = engine.clone();
         let computed = tokio::task::spawn_blocking(move || {
-            if inject {
-                return Err(WorkerError::Compute(common::Error::Tensor(
-                    "injected device failure (--inject-shard-failures)".into(),
-                )));
-            }
             // The parameters that did not come: why.
             let lost = |why: Result<Result<Bytes, Status>, _>| match why {
                 Ok(Err(status)) => status,
@@ -511,10 +511,17 @@ async fn work(
                     };
                     // A call already over (refused, or the coordinator lost) says so in its
                     // answer; the rest of the compute is wasted, never stuck.
-                    if parts.blocking_send(part).is_err() {
+                    if parts.send(Some(part)).is_err() {
                         break;
                     }
                 }
+                // A device that fails once part of the answer is out: the hard case.
+                if inject {
+                    return Err(WorkerError::Compute(common::Error::Tensor(
+                        "injected device failure (--inject-shard-failures)".into(),
+                    )));
+                }
+                Ok(())
             };
             compute(
                 &e,
@@ -536,10 +543,11 @@ async fn work(
         let compute_times = match computed {
             Ok(done) => done,
             Err(err) => {
+                // Without the end mark the parts never end: only the cancel ends the call, so
+                // the coordinator never takes the parts sent as a whole submission.
                 receiving.abort();
                 call.abort();
                 let _ = call.await;
-                drop(held);
                 if let WorkerError::Lost(status) = err {
                     // As a `GetWork` call that failed: ABORTED (the step was abandoned while
                     // its parameters came; the job failed): ask again, to hear why. Any other
@@ -571,7 +579,8 @@ async fn work(
             }
         };
         health.in_a_row = 0;
-        drop(held);
+        // The end mark: the submission is whole. (A call already over ignores it.)
+        let _ = held.send(None);
         let sent = Instant::now();
         let submitted = match call.await {
             Ok(Some(answer)) => answer,
@@ -597,43 +606,41 @@ async fn work(
     }
 }
 
-/// Parts of a submission queued for the wire at most (1 MiB each): the compute waits for the
-/// network beyond that.
-const PARTS_IN_FLIGHT: usize = 16;
-
-/// One `SubmitGradients` call streaming `parts` as the compute hands them over; `None` when
-/// none came. The call starts with the first part, so its deadline covers what follows it
-/// (on a CPU, one micro-batch's backward pass through the convolutions) and the upload, not
-/// the whole shard.
+/// One `SubmitGradients` call streaming `parts` as the compute hands them over, until the end
+/// mark (`None`); `None` when no part came. The call starts with the first part, so its deadline
+/// covers what follows it (on a CPU, one micro-batch's backward pass through the convolutions)
+/// and the upload, not the whole shard. Parts that stop coming without the mark (the compute
+/// failed) leave the stream open until the caller cancels the call, which resets it: ending it
+/// would hand the coordinator a submission that is not whole, which counts against the sender.
 async fn submit(
     mut client: TrainerClient<AuthChannel>,
-    mut parts: tokio::sync::mpsc::Receiver<SubmitRequest>,
+    mut parts: tokio::sync::mpsc::UnboundedReceiver<Option<SubmitRequest>>,
 ) -> Option<Result<tonic::Response<proto::SubmitResponse>, Status>> {
-    use tokio_stream::StreamExt;
-    let first = parts.recv().await?;
-    let stream =
-        tokio_stream::once(first).chain(tokio_stream::wrappers::ReceiverStream::new(parts));
+    let first = parts.recv().await??;
+    let rest = futures::stream::unfold(parts, |mut parts| async move {
+        match parts.recv().await {
+            Some(Some(part)) => Some((part, parts)),
+            Some(None) => None,
+            None => std::future::pending().await,
+        }
+    });
+    let stream = futures::StreamExt::chain(futures::stream::once(async { first }), rest);
     Some(client.submit_gradients(stream).await)
 }
 
 /// One `GetWork` call: its first reply, and the stream a task's parameters follow on (see
-/// [`proto::receive_params`]).
+/// [`proto::receive_params`]). The caller bounds both with one deadline.
 async fn ask_for_work(
     client: &mut TrainerClient<AuthChannel>,
     me: Me,
 ) -> Result<(Offer, tonic::Streaming<proto::GetWorkResponse>), Status> {
-    let asked = async {
-        let request = GetWorkRequest {
-            worker_id: me.id,
-            incarnation: me.incarnation,
-        };
-        let mut replies = client.get_work(request).await?.into_inner();
-        let offer = proto::receive_offer(&mut replies).await?;
-        Ok((offer, replies))
+    let request = GetWorkRequest {
+        worker_id: me.id,
+        incarnation: me.incarnation,
     };
-    tokio::time::timeout(CALL_TIMEOUT, asked)
-        .await
-        .unwrap_or_else(|_| Err(Status::deadline_exceeded("GetWork took too long")))
+    let mut replies = client.get_work(request).await?.into_inner();
+    let offer = proto::receive_offer(&mut replies).await?;
+    Ok((offer, replies))
 }
 
 /// Swallows `ABORTED`, a call about a step that is already over (we were declared lost and the
@@ -648,7 +655,7 @@ fn ignore_races(s: Status) -> Result<(), Status> {
 }
 
 /// Computes a task's node gradients and hands them to `send` piece by piece as the engine has
-/// them, each checked finite and encoded; tensors come and go in `wire` format. The parameters
+/// them, each checked finite and encoded (an error from `send` stops the computation); tensors come and go in `wire` format. The parameters
 /// come in two pieces: the trunk's (`trunk`, the first [`Engine::trunk_len`] values) and the
 /// rest, which `rest` waits for (its error is [`WorkerError::Lost`]). Adds where the time went
 /// to `times`.
@@ -659,7 +666,7 @@ pub fn compute(
     rest: impl FnOnce() -> Result<Bytes, Status>,
     wire: WireFormat,
     times: &mut ComputeTimes,
-    send: &mut dyn FnMut(NodeGradient),
+    send: &mut dyn FnMut(NodeGradient) -> Result<(), WorkerError>,
 ) -> Result<(), WorkerError> {
     let bad = |m: String| WorkerError::BadTask(m);
     // The bytes as they came where they are f32: the engine takes them with as few copies as
@@ -710,6 +717,9 @@ pub fn compute(
     let nodes: Vec<Node> = task.nodes.iter().map(|n| Node::new(n.lo, n.hi)).collect();
     let first = task.first_leaf;
     let last = first + task.leaf_sizes.len() as u32;
+    if nodes.is_empty() {
+        return Err(bad("a task without tree nodes to answer".into()));
+    }
     if nodes
         .iter()
         .any(|n| n.lo < first || n.hi > last || n.lo >= n.hi)
@@ -725,7 +735,8 @@ pub fn compute(
     }
     // The engine refuses a malformed batch (no micro-batches, a label that is not a digit): the
     // task's fault, reported as such; any other engine error is the device's.
-    let mut non_finite = false;
+    // Why the engine was stopped, where `ready` stopped it.
+    let mut stopped = None;
     let mut check = Duration::ZERO;
     let computed = engine.node_gradients_in_pieces(
         Incoming::InTwo { trunk, head },
@@ -738,9 +749,17 @@ pub fn compute(
             // The coordinator's own check of a gradient: its norm is finite exactly when
             // every value is (an f32's square cannot overflow an f64 sum), and the pass
             // vectorises.
+            let stop = |e: WorkerError, stopped: &mut Option<WorkerError>| {
+                let text = e.to_string();
+                *stopped = Some(e);
+                common::Error::Tensor(text)
+            };
             if !(piece.loss_sum.is_finite() && common::sgd::l2_norm(&piece.values).is_finite()) {
-                non_finite = true;
-                return Err(common::Error::Tensor("not finite".into()));
+                let e = WorkerError::NonFinite(format!(
+                    "step {} leaves {first}..{last}",
+                    task.step + 1
+                ));
+                return Err(stop(e, &mut stopped));
             }
             let node = NodeGradient {
                 node: Some(NodeRange {
@@ -752,20 +771,15 @@ pub fn compute(
                 offset: piece.offset as u64,
             };
             check += started.elapsed();
-            send(node);
-            Ok(())
+            send(node).map_err(|e| stop(e, &mut stopped))
         },
     );
     times.check += check;
-    if let Some(e) = rest_failed {
+    if let Some(e) = rest_failed.or(stopped) {
         return Err(e);
     }
     match computed {
         Ok(()) => Ok(()),
-        Err(_) if non_finite => Err(WorkerError::NonFinite(format!(
-            "step {} leaves {first}..{last}",
-            task.step + 1
-        ))),
         Err(common::Error::BadBatch(m)) => Err(bad(m)),
         Err(e) => Err(WorkerError::Compute(e)),
     }
