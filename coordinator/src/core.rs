@@ -134,6 +134,11 @@ pub enum CoreError {
     },
     #[error("task {0} was already answered by this worker")]
     Duplicate(TaskId),
+    /// The worker reported it could not compute the task. Parts of an answer it cancelled may
+    /// still reach us after the report (its call's first message can trail the report on the
+    /// wire): a race, not bad input.
+    #[error("task {0} was given up by this worker (it reported a failure)")]
+    GivenUp(TaskId),
     #[error("gradient nodes {got:?} do not match the task's {want:?}")]
     WrongNodes { got: Vec<Node>, want: Vec<Node> },
 }
@@ -168,6 +173,8 @@ struct Issued {
     shard: usize,
     worker: WorkerId,
     answered: bool,
+    /// Answered by a failure report: the worker gave the task up.
+    given_up: bool,
 }
 
 #[derive(Debug)]
@@ -447,6 +454,7 @@ impl Core {
                 shard: index,
                 worker: id,
                 answered: false,
+                given_up: false,
             },
         );
         Ok(Some(Assignment {
@@ -486,6 +494,9 @@ impl Core {
         self.touch(worker, now)?;
         let (round, index) = open_task(self.round.as_mut(), worker, task_id, step)?;
         round.answered(task_id);
+        if let Some(issued) = round.issued.get_mut(&task_id) {
+            issued.given_up = true;
+        }
         let shard = &mut round.shards[index];
         shard.running.retain(|(t, _, _)| *t != task_id);
         if !shard.failed_by.contains(&worker) {
@@ -645,6 +656,9 @@ fn open_task(
             owner: issued.worker,
             worker,
         });
+    }
+    if issued.given_up {
+        return Err(CoreError::GivenUp(task));
     }
     if issued.answered {
         return Err(CoreError::Duplicate(task));
@@ -902,11 +916,11 @@ mod tests {
         c.submit(answer(&b, ids[1]), t0).unwrap();
         let redo = c.next_task(ids[1], t0).unwrap().unwrap();
         assert_eq!(redo.leaves, a.leaves);
-        // ...and an answer to the failed task is refused as a duplicate.
-        assert_eq!(
-            c.submit(answer(&a, ids[0]), t0),
-            Err(CoreError::Duplicate(a.task_id))
-        );
+        // ...and an answer to the failed task is refused as given up, which is no bad input
+        // (the parts of a cancelled answer can trail the report on the wire).
+        let late = c.submit(answer(&a, ids[0]), t0);
+        assert_eq!(late, Err(CoreError::GivenUp(a.task_id)));
+        assert!(!late.unwrap_err().is_bad_input());
         c.submit(answer(&redo, ids[1]), t0).unwrap();
         assert_eq!(c.take_result().unwrap().gradient.to_vec(), vec![4.0]);
         let w = c.workers().find(|w| w.id == ids[0]).unwrap();

@@ -101,7 +101,7 @@ fn core_status(e: CoreError) -> Status {
         CoreError::Full(_) => Status::resource_exhausted(e.to_string()),
         CoreError::UnknownWorker(_) => Status::not_found(e.to_string()),
         CoreError::Quarantined(_) => Status::permission_denied(e.to_string()),
-        CoreError::StaleStep { .. } => Status::aborted(e.to_string()),
+        CoreError::StaleStep { .. } | CoreError::GivenUp(_) => Status::aborted(e.to_string()),
         CoreError::Duplicate(_) => Status::already_exists(e.to_string()),
         CoreError::UnknownTask(_)
         | CoreError::NotYourTask { .. }
