@@ -136,8 +136,8 @@ impl From<Vec<f32>> for Params {
 }
 
 /// Parameters as [`Engine::node_gradients_in_pieces`] takes them: whole, or the trunk's now and
-/// the head's later.
-pub enum Incoming<'a> {
+/// the head's later. `E` is the caller's error type.
+pub enum Incoming<'a, E> {
     Whole(Params),
     /// The trunk's values (the first [`Engine::trunk_len`] of the flat vector), and a call that
     /// waits for the head's (the rest), made once the first micro-batch's forward pass through
@@ -145,20 +145,8 @@ pub enum Incoming<'a> {
     /// are still on the wire. An error from `head` stops the computation.
     InTwo {
         trunk: Params,
-        head: Box<dyn FnOnce() -> Result<Params, Error> + 'a>,
+        head: Box<dyn FnOnce() -> Result<Params, E> + 'a>,
     },
-}
-
-impl From<Params> for Incoming<'_> {
-    fn from(params: Params) -> Self {
-        Incoming::Whole(params)
-    }
-}
-
-impl From<Vec<f32>> for Incoming<'_> {
-    fn from(values: Vec<f32>) -> Self {
-        Incoming::Whole(values.into())
-    }
 }
 
 /// The gradient of the summed (not averaged) cross-entropy over a micro-batch, or summed over
@@ -313,7 +301,7 @@ impl Engine {
         phases: &mut Phases,
     ) -> Result<Vec<Gradient>, Error> {
         let mut whole = Vec::with_capacity(nodes.len());
-        let examples = self.differentiate(
+        let examples = self.differentiate::<Error>(
             Incoming::Whole(params.into()),
             first,
             batches,
@@ -344,36 +332,37 @@ impl Engine {
     /// last. On a GPU that pass takes a fraction of a millisecond, and reading a piece back
     /// early would leave the device idle: each node comes whole, at the end. The parameters
     /// may come in two pieces too ([`Incoming::InTwo`]). The values are the same bits either
-    /// way. An error from `ready` stops the computation.
-    pub fn node_gradients_in_pieces<'a>(
+    /// way. An error from `ready` or from the parameters' `head` stops the computation and is
+    /// returned as it was; the engine's own errors come as `E::from`.
+    pub fn node_gradients_in_pieces<E: From<Error>>(
         &self,
-        params: impl Into<Incoming<'a>>,
+        params: Incoming<'_, E>,
         first: u32,
         batches: &[MicroBatch<'_>],
         nodes: &[Node],
         phases: &mut Phases,
-        ready: &mut dyn FnMut(Piece) -> Result<(), Error>,
-    ) -> Result<(), Error> {
+        ready: &mut dyn FnMut(Piece) -> Result<(), E>,
+    ) -> Result<(), E> {
         let early = if self.on_host { Early::Head } else { Early::No };
-        self.differentiate(params.into(), first, batches, nodes, early, phases, ready)
+        self.differentiate(params, first, batches, nodes, early, phases, ready)
             .map(drop)
     }
 
     /// Computes the node sums and hands them to `ready` (see the two callers); returns each
     /// node's example count.
     #[allow(clippy::too_many_arguments)]
-    fn differentiate(
+    fn differentiate<E: From<Error>>(
         &self,
-        params: Incoming<'_>,
+        params: Incoming<'_, E>,
         first: u32,
         batches: &[MicroBatch<'_>],
         nodes: &[Node],
         early: Early,
         phases: &mut Phases,
-        ready: &mut dyn FnMut(Piece) -> Result<(), Error>,
-    ) -> Result<Vec<u32>, Error> {
+        ready: &mut dyn FnMut(Piece) -> Result<(), E>,
+    ) -> Result<Vec<u32>, E> {
         if batches.is_empty() {
-            return Err(Error::BadBatch("a task without micro-batches".into()));
+            return Err(Error::BadBatch("a task without micro-batches".into()).into());
         }
         let clock = Instant::now();
         let device = self.device.clone().autodiff();
@@ -1047,6 +1036,44 @@ mod tests {
         assert_same_bits(&together, &alone, &format!("{backend}, together and alone"));
     }
 
+    /// The graph cut between trunk and head changes no bit: a micro-batch's gradient and loss
+    /// equal those of one backward pass through the whole network, dropout on. On libtorch too
+    /// in a `tch` build.
+    #[test]
+    fn the_cut_graph_gives_the_bits_of_one_backward_pass() {
+        let tch = cfg!(feature = "tch").then_some(BackendKind::Tch);
+        for backend in std::iter::once(BackendKind::Flex).chain(tch) {
+            let engine = Engine::new(ModelSpec::SEED, backend, "cpu", 0.75).unwrap();
+            let params = ModelSpec::SEED.init(13);
+            let (images, labels) = digits(5);
+            let batch = MicroBatch {
+                images: &images,
+                labels: &labels,
+                dropout_seed: 77,
+            };
+            let cut = engine.gradients(&params, &[batch]).unwrap().remove(0);
+
+            let device = engine.device.clone().autodiff();
+            let leaves: Vec<Tensor<1>> = engine
+                .upload(params.clone().into(), &engine.params, &device)
+                .unwrap()
+                .into_iter()
+                .map(Tensor::require_grad)
+                .collect();
+            let mask = engine.dropout_masks([(labels.len(), 77)], &device);
+            let logits = engine.forward(&leaves, images_tensor([&images[..]], &device), Some(mask));
+            let onehot = onehot_tensor([&labels[..]], &device);
+            let loss = (log_softmax(logits, 1) * onehot).sum().neg();
+            let grads = loss.backward();
+            let one_pass = Gradient {
+                values: to_vec(Tensor::cat(engine.grads_of(&leaves, &grads), 0)).unwrap(),
+                loss_sum: f64::from(to_vec(loss.detach()).unwrap()[0]),
+                examples: labels.len() as u32,
+            };
+            assert_same_bits(&[one_pass], &[cut], &format!("{backend}, one pass and cut"));
+        }
+    }
+
     /// A worker's way in: the parameters in two pieces (the trunk's as values, the head's as
     /// wire bytes, as they come) and the node sums handed out in pieces. Each node's pieces
     /// cover its vector once and hold the bits [`Engine::node_gradients`] gives whole, with
@@ -1067,7 +1094,7 @@ mod tests {
                 .unwrap();
             let cut = engine.trunk_len();
             let head = crate::codec::encode_f32(&params[cut..]);
-            let incoming = Incoming::InTwo {
+            let incoming: Incoming<'_, Error> = Incoming::InTwo {
                 trunk: params[..cut].to_vec().into(),
                 head: Box::new(move || Ok(Params::LeF32(head.into()))),
             };

@@ -3,7 +3,6 @@
 //! same SGD, so the cluster must reproduce it bit for bit on one backend.
 
 use crate::Error;
-use crate::codec::WireFormat;
 use crate::engine::{Engine, MicroBatch, Phases};
 use crate::mnist::Split;
 use crate::model::ModelSpec;
@@ -172,28 +171,9 @@ impl TrainState {
         self.apply_then(sum, examples, lr, clip, |_| {})
     }
 
-    /// [`TrainState::apply`], and the new parameters encoded in `wire`, each block right after
-    /// the step wrote it (while in cache): it reads the parameters once instead of once more to
-    /// encode them. The coordinator's step does the same through [`TrainState::apply_then`],
-    /// sending the blocks in parts as it goes; this whole-vector form is for `step_profile` and
-    /// the tests.
-    pub fn apply_and_encode(
-        &mut self,
-        sum: &(impl Gradient + ?Sized),
-        examples: u32,
-        lr: f32,
-        clip: Option<f32>,
-        wire: WireFormat,
-    ) -> Result<(f64, Vec<u8>), Error> {
-        let mut encoded = Vec::with_capacity(self.params.len() * wire.bytes_per_value());
-        let norm = self.apply_then(sum, examples, lr, clip, |p| {
-            crate::codec::encode_append(wire, p, &mut encoded)
-        })?;
-        Ok((norm, encoded))
-    }
-
-    /// [`TrainState::apply`], with `each` called on every block of new parameters as the step
-    /// writes it (the coordinator encodes and sends them from there).
+    /// [`TrainState::apply`], with `each` called on every block of new parameters right after
+    /// the step wrote it (while in cache): the coordinator encodes and sends them from there,
+    /// reading the parameters once instead of once more to encode them.
     pub fn apply_then(
         &mut self,
         sum: &(impl Gradient + ?Sized),
@@ -344,7 +324,7 @@ mod tests {
 
     #[test]
     fn the_step_with_its_encode_on_a_tree_of_nodes_is_the_step_on_the_sum_then_the_encode() {
-        use crate::codec::encode;
+        use crate::codec::{WireFormat, encode};
         use crate::tree::{Node, TreeSum, combine};
         use std::collections::BTreeMap;
         // Three blocks and a short one; values whose sums depend on the order of addition.
@@ -375,8 +355,12 @@ mod tests {
                 for _ in 0..2 {
                     let norm = apart.apply(sum.as_slice(), 128, 0.1, clip).unwrap();
                     let bytes = encode(wire, &apart.params);
-                    let (fused_norm, fused_bytes) =
-                        fused.apply_and_encode(&tree, 128, 0.1, clip, wire).unwrap();
+                    let mut fused_bytes = Vec::new();
+                    let fused_norm = fused
+                        .apply_then(&tree, 128, 0.1, clip, |p| {
+                            crate::codec::encode_append(wire, p, &mut fused_bytes)
+                        })
+                        .unwrap();
                     assert_eq!(norm.to_bits(), fused_norm.to_bits(), "{clip:?} {wire:?}");
                     assert_eq!(bytes, fused_bytes, "{clip:?} {wire:?}");
                 }

@@ -2,7 +2,7 @@
 //! the engine's upload (of the parameters as the wire's bytes, as a worker gives them), forward,
 //! backward, on-device reduction and download (`Engine::node_gradients`), the worker's gradient
 //! encode, the coordinator's decode, and its SGD step, which also encodes the next step's
-//! parameters (`TrainState::apply_and_encode`). The wire itself is the transport benchmark's
+//! parameters (`TrainState::apply_then`, as the coordinator calls it). The wire itself is the transport benchmark's
 //! (`--example transport`). Printed in ms per step and as a share of the step.
 //!
 //!   cargo run -p cluster-tests --example step_profile [-- STEPS]      (default 20, flex)
@@ -89,8 +89,11 @@ fn main() -> anyhow::Result<()> {
             let sum = timed(&mut decode, || common::codec::decode_f32(&wire, n))?;
             let lr = cfg.lr_at(state.step, schedule.steps_per_epoch());
             let f32 = common::codec::WireFormat::F32;
-            let (_, next) = timed(&mut sgd, || {
-                state.apply_and_encode(sum.as_slice(), root.examples, lr, None, f32)
+            let mut next = Vec::with_capacity(n * 4);
+            timed(&mut sgd, || {
+                state.apply_then(sum.as_slice(), root.examples, lr, None, |p| {
+                    common::codec::encode_append(f32, p, &mut next)
+                })
             })?;
             encoded = Some(next);
         }

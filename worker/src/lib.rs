@@ -681,17 +681,11 @@ pub fn compute(
     let trunk_len = engine.trunk_len();
     let trunk = params(trunk, trunk_len)?;
     times.first_params += started.elapsed();
-    // The rest's failure, to tell apart from the engine's own.
-    let mut rest_failed = None;
     let head = Box::new(|| {
-        let got = rest()
-            .map_err(WorkerError::Lost)
-            .and_then(|bytes| params(bytes, engine.param_count() - trunk_len));
-        got.map_err(|e| {
-            let text = e.to_string();
-            rest_failed = Some(e);
-            common::Error::Tensor(text)
-        })
+        params(
+            rest().map_err(WorkerError::Lost)?,
+            engine.param_count() - trunk_len,
+        )
     });
     let total: usize = task.leaf_sizes.iter().map(|&s| s as usize).sum();
     let px = common::mnist::PIXELS;
@@ -735,8 +729,6 @@ pub fn compute(
     }
     // The engine refuses a malformed batch (no micro-batches, a label that is not a digit): the
     // task's fault, reported as such; any other engine error is the device's.
-    // Why the engine was stopped, where `ready` stopped it.
-    let mut stopped = None;
     let mut check = Duration::ZERO;
     let computed = engine.node_gradients_in_pieces(
         Incoming::InTwo { trunk, head },
@@ -749,17 +741,11 @@ pub fn compute(
             // The coordinator's own check of a gradient: its norm is finite exactly when
             // every value is (an f32's square cannot overflow an f64 sum), and the pass
             // vectorises.
-            let stop = |e: WorkerError, stopped: &mut Option<WorkerError>| {
-                let text = e.to_string();
-                *stopped = Some(e);
-                common::Error::Tensor(text)
-            };
             if !(piece.loss_sum.is_finite() && common::sgd::l2_norm(&piece.values).is_finite()) {
-                let e = WorkerError::NonFinite(format!(
+                return Err(WorkerError::NonFinite(format!(
                     "step {} leaves {first}..{last}",
                     task.step + 1
-                ));
-                return Err(stop(e, &mut stopped));
+                )));
             }
             let node = NodeGradient {
                 node: Some(NodeRange {
@@ -771,17 +757,13 @@ pub fn compute(
                 offset: piece.offset as u64,
             };
             check += started.elapsed();
-            send(node).map_err(|e| stop(e, &mut stopped))
+            send(node)
         },
     );
     times.check += check;
-    if let Some(e) = rest_failed.or(stopped) {
-        return Err(e);
-    }
     match computed {
-        Ok(()) => Ok(()),
-        Err(common::Error::BadBatch(m)) => Err(bad(m)),
-        Err(e) => Err(WorkerError::Compute(e)),
+        Err(WorkerError::Compute(common::Error::BadBatch(m))) => Err(bad(m)),
+        other => other,
     }
 }
 
