@@ -6,7 +6,7 @@
 //! piece and are cut there into one 1-D autodiff leaf each, reshaped inside the forward pass;
 //! their gradients are summed along the reduction tree on the device, parameter by parameter,
 //! joined into one flat vector in the same order, and come back one node at a time, ready for
-//! the wire (on a CPU the dense layers' part of each node first, see
+//! the wire (on a CPU parameter by parameter, unjoined, the dense layers' first, see
 //! [`Engine::node_gradients_in_pieces`]).
 //!
 //! Dropout masks are drawn on the host from a seed the caller gives per micro-batch, so the
@@ -166,17 +166,21 @@ pub struct Piece {
     /// Where `values` start in the flat vector ([`ModelSpec::params`] order).
     pub offset: usize,
     pub values: Vec<f32>,
-    /// The node's loss sum on the piece that completes the node, 0 on the others (so a node's
-    /// pieces add up to its loss).
+    /// The node's loss sum on the node's last piece, 0 on the others (so a node's pieces add
+    /// up to its loss).
     pub loss_sum: f64,
 }
 
-/// Whether [`Engine::node_gradients_in_pieces`] hands out the head's piece before the last
-/// micro-batch's backward pass through the trunk.
+/// How the engine hands a node's sum out ([`Engine::node_gradients_in_pieces`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Early {
-    No,
-    Head,
+enum Handout {
+    /// Each node whole, at the end: its parameters' sums joined into one tensor on the device
+    /// and read back in one piece (on a GPU, one transfer).
+    Whole,
+    /// Parameter by parameter, unjoined (on the host a join is one more copy of the node's
+    /// 13 MB), the head's of every node before the last micro-batch's backward pass through
+    /// the trunk, which runs while the caller sends them.
+    ByParameter,
 }
 
 /// Where a gradient computation spent its time (wall clock, added up over calls). On a GPU the
@@ -306,7 +310,7 @@ impl Engine {
             first,
             batches,
             nodes,
-            Early::No,
+            Handout::Whole,
             phases,
             &mut |piece| {
                 whole.push(piece);
@@ -326,14 +330,15 @@ impl Engine {
 
     /// [`node_gradients`](Self::node_gradients), handing each node's sum to `ready` in pieces
     /// as soon as each is known, so the caller can send one while the next is computed. Where
-    /// the device is the host, the dense layers' piece of every node (98% of the seed
-    /// convnet's values) comes before the last micro-batch's backward pass through the
-    /// convolutions, which runs while the caller sends it; the convolutions' piece comes
-    /// last. On a GPU that pass takes a fraction of a millisecond, and reading a piece back
-    /// early would leave the device idle: each node comes whole, at the end. The parameters
-    /// may come in two pieces too ([`Incoming::InTwo`]). The values are the same bits either
-    /// way. An error from `ready` or from the parameters' `head` stops the computation and is
-    /// returned as it was; the engine's own errors come as `E::from`.
+    /// the device is the host, each parameter's sum is a piece (not joined: on the host a join
+    /// is a copy), and the dense layers' pieces of every node (98% of the seed convnet's
+    /// values) come before the last micro-batch's backward pass through the convolutions,
+    /// which runs while the caller sends them; the convolutions' pieces come last, the loss
+    /// on the last one. On a GPU that pass takes a fraction of a millisecond, and reading a
+    /// piece back early would leave the device idle: each node comes whole, at the end. The
+    /// parameters may come in two pieces too ([`Incoming::InTwo`]). The values are the same
+    /// bits either way. An error from `ready` or from the parameters' `head` stops the
+    /// computation and is returned as it was; the engine's own errors come as `E::from`.
     pub fn node_gradients_in_pieces<E: From<Error>>(
         &self,
         params: Incoming<'_, E>,
@@ -343,8 +348,12 @@ impl Engine {
         phases: &mut Phases,
         ready: &mut dyn FnMut(Piece) -> Result<(), E>,
     ) -> Result<(), E> {
-        let early = if self.on_host { Early::Head } else { Early::No };
-        self.differentiate(params, first, batches, nodes, early, phases, ready)
+        let handout = if self.on_host {
+            Handout::ByParameter
+        } else {
+            Handout::Whole
+        };
+        self.differentiate(params, first, batches, nodes, handout, phases, ready)
             .map(drop)
     }
 
@@ -357,7 +366,7 @@ impl Engine {
         first: u32,
         batches: &[MicroBatch<'_>],
         nodes: &[Node],
-        early: Early,
+        handout: Handout,
         phases: &mut Phases,
         ready: &mut dyn FnMut(Piece) -> Result<(), E>,
     ) -> Result<Vec<u32>, E> {
@@ -440,18 +449,11 @@ impl Engine {
                 .ok_or_else(|| Error::Tensor("the features have no gradient".into()))?;
             phases.backward += clock.elapsed();
 
-            if early == Early::Head && i + 1 == rows.len() {
+            if handout == Handout::ByParameter && i + 1 == rows.len() {
                 // Every node's head is summed now: send it while the trunk's pass runs.
-                let offset = self.trunk_len();
                 for &node in nodes {
                     let sum = self.node_sum(node, first, batches.len(), &mut head_sums, phases)?;
-                    let values = self.download(sum, phases)?;
-                    ready(Piece {
-                        node,
-                        offset,
-                        values,
-                        loss_sum: 0.0,
-                    })?;
+                    self.by_parameter(node, self.trunk_len(), sum, 0.0, phases, ready)?;
                 }
             }
 
@@ -470,17 +472,22 @@ impl Engine {
         let mut examples = Vec::with_capacity(nodes.len());
         for &node in nodes {
             let mut sum = self.node_sum(node, first, batches.len(), &mut trunk_sums, phases)?;
-            if early == Early::No {
-                sum.extend(self.node_sum(node, first, batches.len(), &mut head_sums, phases)?);
-            }
-            let values = self.download(sum, phases)?;
             let under = (node.lo - first) as usize..(node.hi - first) as usize;
-            ready(Piece {
-                node,
-                offset: 0,
-                values,
-                loss_sum: losses[under.clone()].iter().sum(),
-            })?;
+            let loss_sum = losses[under.clone()].iter().sum();
+            match handout {
+                Handout::Whole => {
+                    let head = self.node_sum(node, first, batches.len(), &mut head_sums, phases)?;
+                    sum.extend(head);
+                    let values = self.download(sum, phases)?;
+                    ready(Piece {
+                        node,
+                        offset: 0,
+                        values,
+                        loss_sum,
+                    })?;
+                }
+                Handout::ByParameter => self.by_parameter(node, 0, sum, loss_sum, phases, ready)?,
+            }
             examples.push(rows[under].iter().sum::<usize>() as u32);
         }
         Ok(examples)
@@ -531,6 +538,34 @@ impl Engine {
         let values = to_vec(Tensor::cat(parts, 0))?;
         phases.download += clock.elapsed();
         Ok(values)
+    }
+
+    /// Hands `node`'s sums of consecutive parameters, the first at `offset` of the flat
+    /// vector, to `ready` one piece per parameter, `loss_sum` on the last.
+    fn by_parameter<E: From<Error>>(
+        &self,
+        node: Node,
+        mut offset: usize,
+        sums: Vec<Tensor<1>>,
+        loss_sum: f64,
+        phases: &mut Phases,
+        ready: &mut dyn FnMut(Piece) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let last = sums.len().saturating_sub(1);
+        for (i, sum) in sums.into_iter().enumerate() {
+            let clock = Instant::now();
+            let values = to_vec(sum)?;
+            phases.download += clock.elapsed();
+            let len = values.len();
+            ready(Piece {
+                node,
+                offset,
+                values,
+                loss_sum: if i == last { loss_sum } else { 0.0 },
+            })?;
+            offset += len;
+        }
+        Ok(())
     }
 
     /// The index of the first of the head's parameters (the two dense layers, weight and bias
@@ -1077,8 +1112,8 @@ mod tests {
     /// A worker's way in: the parameters in two pieces (the trunk's as values, the head's as
     /// wire bytes, as they come) and the node sums handed out in pieces. Each node's pieces
     /// cover its vector once and hold the bits [`Engine::node_gradients`] gives whole, with
-    /// the node's loss; on the host the head's pieces of all nodes come first. On libtorch
-    /// too in a `tch` build.
+    /// the node's loss; on the host one piece a parameter, the head's of all nodes first. On
+    /// libtorch too in a `tch` build.
     #[test]
     fn pieces_from_parameters_in_two_give_the_bits_of_the_whole_computation() {
         let tch = cfg!(feature = "tch").then_some(BackendKind::Tch);
@@ -1105,8 +1140,32 @@ mod tests {
                     Ok(())
                 })
                 .unwrap();
+            // One piece a parameter: the head's of both nodes, then the trunk's, the loss on
+            // each node's last.
+            let starts: Vec<usize> = engine
+                .params
+                .iter()
+                .scan(0, |at, p| {
+                    let start = *at;
+                    *at += p.len();
+                    Some(start)
+                })
+                .collect();
+            let (trunk_starts, head_starts) = starts.split_at(engine.head_start());
+            let mut want: Vec<(u32, usize)> = Vec::new();
+            for part in [head_starts, trunk_starts] {
+                for lo in [0, 2] {
+                    want.extend(part.iter().map(|&at| (lo, at)));
+                }
+            }
             let order: Vec<(u32, usize)> = pieces.iter().map(|p| (p.node.lo, p.offset)).collect();
-            assert_eq!(order, [(0, cut), (2, cut), (0, 0), (2, 0)], "{backend}");
+            assert_eq!(order, want, "{backend}");
+            assert_eq!(head_starts[0], cut);
+            for node in nodes {
+                let last = pieces.iter().rposition(|p| p.node == node).unwrap();
+                let others = pieces.iter().take(last).filter(|p| p.node == node);
+                assert!(others.map(|p| p.loss_sum).all(|l| l == 0.0), "{backend}");
+            }
             let joined: Vec<Gradient> = nodes
                 .iter()
                 .zip(&whole)

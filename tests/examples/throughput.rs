@@ -1,7 +1,8 @@
 //! Throughput benchmark: images/s of the single-process loop (1 and 2 threads), of one
 //! distributed worker (1 and 2 threads, 1 thread over mutual TLS with a token, 1 thread with the
-//! bf16 wire) and of two one-thread workers, per backend, all measured in this one run on this
-//! machine, with ratios and the bytes sent per step.
+//! bf16 wire) and of two one-thread workers, with two one-thread local loops run at once as the
+//! two workers' ceiling, per backend, all measured in this one run on this machine, with ratios
+//! and the bytes sent per step.
 //!
 //! On a shared machine the figures drift by tens of percent within minutes, so with
 //! `BENCH_ROUNDS=N` every configuration is measured N times, in rounds that alternate their
@@ -35,6 +36,49 @@ fn local(
     threads: usize,
     steps: u64,
 ) -> anyhow::Result<f64> {
+    let (start, end) = local_loop(data, backend, threads, steps, || ())?;
+    Ok((steps as usize * BATCH) as f64 / (end - start).as_secs_f64())
+}
+
+/// Images/s of two one-thread local loops running at once, each with its own engine and
+/// parameters, timed from their common start to the later one's end: what the two cores give
+/// two computations that never wait for each other, the ceiling of two one-thread workers
+/// (which share the cores with the coordinator and wait for each other every step).
+fn local_pair(
+    data: &common::mnist::Split,
+    backend: BackendKind,
+    steps: u64,
+) -> anyhow::Result<f64> {
+    let warm = std::sync::Barrier::new(2);
+    let ends = std::thread::scope(|s| {
+        let loops: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    local_loop(data, backend, 1, steps, || {
+                        warm.wait();
+                    })
+                })
+            })
+            .collect();
+        loops
+            .into_iter()
+            .map(|l| l.join().expect("a local loop panicked"))
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    let start = ends.iter().map(|e| e.0).min().expect("two loops");
+    let end = ends.iter().map(|e| e.1).max().expect("two loops");
+    Ok((2 * steps as usize * BATCH) as f64 / (end - start).as_secs_f64())
+}
+
+/// Runs the in-process loop on `threads` threads: warm-up steps, then `ready()`, then `steps`
+/// timed steps. Returns when the timed steps started and ended.
+fn local_loop(
+    data: &common::mnist::Split,
+    backend: BackendKind,
+    threads: usize,
+    steps: u64,
+    ready: impl FnOnce() + Send,
+) -> anyhow::Result<(Instant, Instant)> {
     let cfg = cfg();
     let engine = Engine::new(cfg.model, backend, "cpu", cfg.keep_prob)?;
     let mut state = TrainState::new(&cfg);
@@ -47,11 +91,12 @@ fn local(
         for _ in 0..WARMUP {
             local_step(&cfg, &engine, &mut batcher, &mut state)?;
         }
-        let t = Instant::now();
+        ready();
+        let start = Instant::now();
         for _ in 0..steps {
             local_step(&cfg, &engine, &mut batcher, &mut state)?;
         }
-        Ok((steps as usize * BATCH) as f64 / t.elapsed().as_secs_f64())
+        Ok((start, Instant::now()))
     })
 }
 
@@ -137,6 +182,7 @@ async fn distributed(
 struct Round {
     local1: f64,
     local2: f64,
+    pair: f64,
     d1: f64,
     d1tls: f64,
     d1bf16: f64,
@@ -159,7 +205,7 @@ fn round(
     let backend: BackendKind = name.parse()?;
     let bf16 = ["--wire-format", "bf16"];
     let mut r = Round::default();
-    let mut order: Vec<u8> = (0..7).collect();
+    let mut order: Vec<u8> = (0..8).collect();
     if reverse {
         order.reverse();
     }
@@ -174,6 +220,7 @@ fn round(
                     rt.block_on(distributed(1, 1, steps, name, false, &bf16))?
             }
             5 => (r.d1t2, _) = rt.block_on(distributed(1, 2, steps, name, false, &[]))?,
+            6 => r.pair = local_pair(data, backend, steps)?,
             _ => (r.d2, r.bytes2) = rt.block_on(distributed(2, 1, steps, name, false, &[]))?,
         }
     }
@@ -229,6 +276,11 @@ fn main() -> anyhow::Result<()> {
             fig(|r| r.local2)
         );
         println!(
+            "[{name}] 2 local loops at once:       {} images/s; {}x one loop (the ceiling of 2 workers)",
+            fig(|r| r.pair),
+            ratio(|r| r.pair / r.local1)
+        );
+        println!(
             "[{name}] 1 worker x 1 thread:         {} images/s; {}x local, 1 thread",
             fig(|r| r.d1),
             ratio(|r| r.d1 / r.local1)
@@ -250,9 +302,10 @@ fn main() -> anyhow::Result<()> {
             ratio(|r| r.d1t2 / r.local2)
         );
         println!(
-            "[{name}] 2 workers x 1 thread:        {} images/s; {}x one worker",
+            "[{name}] 2 workers x 1 thread:        {} images/s; {}x one worker; {}x the 2 loops at once",
             fig(|r| r.d2),
-            ratio(|r| r.d2 / r.d1)
+            ratio(|r| r.d2 / r.d1),
+            ratio(|r| r.d2 / r.pair)
         );
         println!(
             "[{name}] bytes per step, 1 worker:    {:>8.1} MB",

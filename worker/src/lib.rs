@@ -655,10 +655,10 @@ fn ignore_races(s: Status) -> Result<(), Status> {
 }
 
 /// Computes a task's node gradients and hands them to `send` piece by piece as the engine has
-/// them, each checked finite and encoded (an error from `send` stops the computation); tensors come and go in `wire` format. The parameters
-/// come in two pieces: the trunk's (`trunk`, the first [`Engine::trunk_len`] values) and the
-/// rest, which `rest` waits for (its error is [`WorkerError::Lost`]). Adds where the time went
-/// to `times`.
+/// them, each checked finite and encoded (an error from `send` stops the computation); tensors
+/// come and go in `wire` format. The parameters come in two pieces: the trunk's (`trunk`, the
+/// first [`Engine::trunk_len`] values) and the rest, which `rest` waits for (its error is
+/// [`WorkerError::Lost`]). Adds where the time went to `times`.
 pub fn compute(
     engine: &Engine,
     task: &Task,
