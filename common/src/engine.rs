@@ -201,7 +201,8 @@ pub struct Phases {
     pub backward: Duration,
     /// Micro-batch gradients summed along the tree on the device.
     pub reduce: Duration,
-    /// The losses and each node's sum (joined into one flat tensor) to the host.
+    /// The losses and each node's sum to the host (on a GPU joined into one flat tensor and
+    /// read in one transfer; on a CPU read parameter by parameter).
     pub download: Duration,
 }
 
@@ -451,9 +452,10 @@ impl Engine {
 
             if handout == Handout::ByParameter && i + 1 == rows.len() {
                 // Every node's head is summed now: send it while the trunk's pass runs.
+                let offset = self.trunk_len();
                 for &node in nodes {
                     let sum = self.node_sum(node, first, batches.len(), &mut head_sums, phases)?;
-                    self.by_parameter(node, self.trunk_len(), sum, 0.0, phases, ready)?;
+                    self.by_parameter(node, offset, sum, 0.0, phases, ready)?;
                 }
             }
 
@@ -541,7 +543,8 @@ impl Engine {
     }
 
     /// Hands `node`'s sums of consecutive parameters, the first at `offset` of the flat
-    /// vector, to `ready` one piece per parameter, `loss_sum` on the last.
+    /// vector, to `ready` one piece per parameter, `loss_sum` on the last (on an empty piece
+    /// when there are no parameters, so the loss is never lost).
     fn by_parameter<E: From<Error>>(
         &self,
         node: Node,
@@ -551,7 +554,15 @@ impl Engine {
         phases: &mut Phases,
         ready: &mut dyn FnMut(Piece) -> Result<(), E>,
     ) -> Result<(), E> {
-        let last = sums.len().saturating_sub(1);
+        if sums.is_empty() {
+            return ready(Piece {
+                node,
+                offset,
+                values: Vec::new(),
+                loss_sum,
+            });
+        }
+        let last = sums.len() - 1;
         for (i, sum) in sums.into_iter().enumerate() {
             let clock = Instant::now();
             let values = to_vec(sum)?;
@@ -1154,13 +1165,13 @@ mod tests {
             let (trunk_starts, head_starts) = starts.split_at(engine.head_start());
             let mut want: Vec<(u32, usize)> = Vec::new();
             for part in [head_starts, trunk_starts] {
-                for lo in [0, 2] {
-                    want.extend(part.iter().map(|&at| (lo, at)));
+                for node in nodes {
+                    want.extend(part.iter().map(|&at| (node.lo, at)));
                 }
             }
             let order: Vec<(u32, usize)> = pieces.iter().map(|p| (p.node.lo, p.offset)).collect();
             assert_eq!(order, want, "{backend}");
-            assert_eq!(head_starts[0], cut);
+            assert_eq!(head_starts[0], cut, "{backend}");
             for node in nodes {
                 let last = pieces.iter().rposition(|p| p.node == node).unwrap();
                 let others = pieces.iter().take(last).filter(|p| p.node == node);

@@ -80,18 +80,26 @@ fn local_loop(
     ready: impl FnOnce() + Send,
 ) -> anyhow::Result<(Instant, Instant)> {
     let cfg = cfg();
-    let engine = Engine::new(cfg.model, backend, "cpu", cfg.keep_prob)?;
     let mut state = TrainState::new(&cfg);
     let mut batcher = Batcher::new(data, cfg.schedule(data.len()));
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()?;
-    common::engine::set_libtorch_threads(threads);
+    // `ready` is called whatever happens before it (a loop beside this one may wait in it).
+    let mut warm_up = || -> anyhow::Result<_> {
+        let engine = Engine::new(cfg.model, backend, "cpu", cfg.keep_prob)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?;
+        common::engine::set_libtorch_threads(threads);
+        pool.install(|| {
+            (0..WARMUP).try_for_each(|_| {
+                local_step(&cfg, &engine, &mut batcher, &mut state).map(|_loss| ())
+            })
+        })?;
+        Ok((engine, pool))
+    };
+    let warmed = warm_up();
+    ready();
+    let (engine, pool) = warmed?;
     pool.install(|| {
-        for _ in 0..WARMUP {
-            local_step(&cfg, &engine, &mut batcher, &mut state)?;
-        }
-        ready();
         let start = Instant::now();
         for _ in 0..steps {
             local_step(&cfg, &engine, &mut batcher, &mut state)?;
@@ -276,7 +284,7 @@ fn main() -> anyhow::Result<()> {
             fig(|r| r.local2)
         );
         println!(
-            "[{name}] 2 local loops at once:       {} images/s; {}x one loop (the ceiling of 2 workers)",
+            "[{name}] 2 local loops at once:       {} images/s; {}x one loop (2 workers' ceiling)",
             fig(|r| r.pair),
             ratio(|r| r.pair / r.local1)
         );
@@ -291,7 +299,7 @@ fn main() -> anyhow::Result<()> {
             ratio(|r| r.d1tls / r.d1)
         );
         println!(
-            "[{name}] 1 worker x 1 thread, bf16:   {} images/s; {}x local, 1 thread; {:.1} MB per step",
+            "[{name}] 1 worker x 1 thread, bf16:   {} images/s; {}x local, 1 thread; {:.1} MB/step",
             fig(|r| r.d1bf16),
             ratio(|r| r.d1bf16 / r.local1),
             all[0].bytes_bf16 / 1e6
@@ -302,7 +310,7 @@ fn main() -> anyhow::Result<()> {
             ratio(|r| r.d1t2 / r.local2)
         );
         println!(
-            "[{name}] 2 workers x 1 thread:        {} images/s; {}x one worker; {}x the 2 loops at once",
+            "[{name}] 2 workers x 1 thread:        {} images/s; {}x one worker; {}x 2 loops at once",
             fig(|r| r.d2),
             ratio(|r| r.d2 / r.d1),
             ratio(|r| r.d2 / r.pair)

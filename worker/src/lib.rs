@@ -344,8 +344,8 @@ struct ShardTimes {
     wait: Duration,
     compute: ComputeTimes,
     /// From the compute's end to the coordinator's answer: what of the node sums the network
-    /// had not yet taken (on a CPU the dense layers' part goes out while the convolutions'
-    /// part is computed, so mostly the latter), the coordinator's last checks and its answer.
+    /// had not yet taken (on a CPU the dense layers' parts go out while the convolutions'
+    /// are computed, so mostly the latter), the coordinator's last checks and its answer.
     submit: Duration,
 }
 
