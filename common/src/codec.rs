@@ -84,15 +84,16 @@ pub fn decode(
 /// gradient by its norm without a second pass over the 13 MB (`step_checks` measures it
 /// against decode-then-norm), and decodes one part while the next is in flight.
 ///
-/// Parts in order are decoded onto the end, into memory never zeroed. A part may also come
-/// ahead of its turn (a worker sends the dense layers' values, at the end of the vector,
-/// while it still computes the convolutions'): then the vector is laid out whole, zeroed
-/// where nothing has come, and each part is written in its place. Parts must not overlap.
+/// Parts are decoded onto the end, into memory never zeroed, when they start there or past it
+/// (a worker sends the dense layers' values, at the end of the vector, while it still
+/// computes the convolutions'): then only the gap before them is zeroed, and the parts that
+/// fill it later are written in their place. Parts must not overlap.
 #[derive(Debug)]
 pub struct PartsDecoder {
     format: WireFormat,
     expected: usize,
-    /// The values decoded in order so far; once a part came out of order, the whole vector.
+    /// The vector up to the end of the last part of those furthest along, zeros where nothing
+    /// has come.
     values: Vec<f32>,
     /// How many values have come.
     received: usize,
@@ -149,20 +150,13 @@ impl PartsDecoder {
         }
         let in_order = self.ranges.is_empty() && start == self.values.len();
         if in_order {
-            for wire in bytes.chunks(crate::sgd::CACHE_BLOCK * width) {
-                let at = self.values.len();
-                decode_append(self.format, wire, &mut self.values);
-                self.squares.add(&self.values[at..]);
-            }
+            self.append(bytes);
             self.received += len;
             return Ok(());
         }
-        if self.ranges.is_empty() {
-            // The first part out of order: lay the vector out whole.
-            if !self.values.is_empty() {
-                self.ranges.push(0..self.values.len());
-            }
-            self.values.resize(self.expected, 0.0);
+        if self.ranges.is_empty() && !self.values.is_empty() {
+            // The first part out of order: what came in order is the first run.
+            self.ranges.push(0..self.values.len());
         }
         // The first range that ends after this part starts must start at or after its end.
         let next = self.ranges.partition_point(|r| r.end <= start);
@@ -185,16 +179,35 @@ impl PartsDecoder {
             }
             (false, false) => self.ranges.insert(next, start..end),
         }
-        let blocks = bytes.chunks(crate::sgd::CACHE_BLOCK * width);
-        let mut at = start;
-        for wire in blocks {
-            let out = &mut self.values[at..at + wire.len() / width];
-            decode_into(self.format, wire, out);
-            self.squares.add(out);
-            at += out.len();
+        if start >= self.values.len() {
+            // Past the end: zero the gap before it, decode the part onto the end.
+            self.values.resize(start, 0.0);
+            self.append(bytes);
+        } else {
+            // Into a gap. (The vector ends where a part ends, so a part reaching past its end
+            // would overlap that one and was refused above; it grows anyway, never to panic.)
+            if end > self.values.len() {
+                self.values.resize(end, 0.0);
+            }
+            let mut at = start;
+            for wire in bytes.chunks(crate::sgd::CACHE_BLOCK * width) {
+                let out = &mut self.values[at..at + wire.len() / width];
+                decode_into(self.format, wire, out);
+                self.squares.add(out);
+                at += out.len();
+            }
         }
         self.received += len;
         Ok(())
+    }
+
+    /// Decodes `bytes` onto the end of the vector, block by block, summing each block's squares.
+    fn append(&mut self, bytes: &[u8]) {
+        for wire in bytes.chunks(crate::sgd::CACHE_BLOCK * self.format.bytes_per_value()) {
+            let at = self.values.len();
+            decode_append(self.format, wire, &mut self.values);
+            self.squares.add(&self.values[at..]);
+        }
     }
 
     /// The whole vector and its L2 norm (NaN or infinite when a value is; the same bits as
