@@ -92,13 +92,11 @@ pub fn decode(
 pub struct PartsDecoder {
     format: WireFormat,
     expected: usize,
-    /// The vector up to the end of the last part of those furthest along, zeros where nothing
-    /// has come.
+    /// The vector up to the end of the part furthest along, zeros in the gaps nothing has
+    /// filled yet.
     values: Vec<f32>,
-    /// How many values have come.
-    received: usize,
-    /// The ranges that have come, sorted and disjoint, once a part came out of order (empty
-    /// until then).
+    /// The ranges that have come, sorted and disjoint (touching ones joined: one while the
+    /// parts come in order).
     ranges: Vec<std::ops::Range<usize>>,
     squares: crate::sgd::SquareSum,
 }
@@ -110,7 +108,6 @@ impl PartsDecoder {
             format,
             expected,
             values: Vec::with_capacity(expected),
-            received: 0,
             ranges: Vec::new(),
             squares: Default::default(),
         }
@@ -118,11 +115,11 @@ impl PartsDecoder {
 
     /// How many values have come so far.
     pub fn decoded(&self) -> usize {
-        self.received
+        self.ranges.iter().map(|r| r.len()).sum()
     }
 
     pub fn is_complete(&self) -> bool {
-        self.received == self.expected
+        self.decoded() == self.expected
     }
 
     /// Decodes the part that starts at value `offset`, refusing one of partial values, one
@@ -148,16 +145,6 @@ impl PartsDecoder {
         if len == 0 {
             return Ok(());
         }
-        let in_order = self.ranges.is_empty() && start == self.values.len();
-        if in_order {
-            self.append(bytes);
-            self.received += len;
-            return Ok(());
-        }
-        if self.ranges.is_empty() && !self.values.is_empty() {
-            // The first part out of order: what came in order is the first run.
-            self.ranges.push(0..self.values.len());
-        }
         // The first range that ends after this part starts must start at or after its end.
         let next = self.ranges.partition_point(|r| r.end <= start);
         if self.ranges.get(next).is_some_and(|r| r.start < end) {
@@ -180,15 +167,12 @@ impl PartsDecoder {
             (false, false) => self.ranges.insert(next, start..end),
         }
         if start >= self.values.len() {
-            // Past the end: zero the gap before it, decode the part onto the end.
+            // At the end (in order) or past it: zero the gap before it, decode onto the end.
             self.values.resize(start, 0.0);
             self.append(bytes);
         } else {
-            // Into a gap. (The vector ends where a part ends, so a part reaching past its end
-            // would overlap that one and was refused above; it grows anyway, never to panic.)
-            if end > self.values.len() {
-                self.values.resize(end, 0.0);
-            }
+            // Into a gap. The vector ends where the part furthest along ends, so a part that
+            // starts before that end and is not refused above ends before it too.
             let mut at = start;
             for wire in bytes.chunks(crate::sgd::CACHE_BLOCK * width) {
                 let out = &mut self.values[at..at + wire.len() / width];
@@ -197,7 +181,6 @@ impl PartsDecoder {
                 at += out.len();
             }
         }
-        self.received += len;
         Ok(())
     }
 
@@ -217,7 +200,7 @@ impl PartsDecoder {
         if !self.is_complete() {
             return Err(WireLengthError {
                 expected: self.expected,
-                got_bytes: self.received * self.format.bytes_per_value(),
+                got_bytes: self.decoded() * self.format.bytes_per_value(),
                 format: self.format,
             });
         }

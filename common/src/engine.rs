@@ -1031,10 +1031,15 @@ mod tests {
     /// rests on it). Leaves of unequal sizes, dropout on; on libtorch too in a `tch` build.
     #[test]
     fn a_leaf_computed_with_others_equals_the_leaf_computed_alone() {
-        let tch = cfg!(feature = "tch").then_some(BackendKind::Tch);
-        for backend in std::iter::once(BackendKind::Flex).chain(tch) {
+        for backend in cpu_backends() {
             leaves_together_and_alone_agree(backend);
         }
+    }
+
+    /// The backends to test on the CPU: flex, and libtorch in a `tch` build.
+    fn cpu_backends() -> impl Iterator<Item = BackendKind> {
+        let tch = cfg!(feature = "tch").then_some(BackendKind::Tch);
+        std::iter::once(BackendKind::Flex).chain(tch)
     }
 
     /// Three micro-batches of unequal sizes (5, 2 and 5 images), each with its dropout seed.
@@ -1087,8 +1092,7 @@ mod tests {
     /// in a `tch` build.
     #[test]
     fn the_cut_graph_gives_the_bits_of_one_backward_pass() {
-        let tch = cfg!(feature = "tch").then_some(BackendKind::Tch);
-        for backend in std::iter::once(BackendKind::Flex).chain(tch) {
+        for backend in cpu_backends() {
             let engine = Engine::new(ModelSpec::SEED, backend, "cpu", 0.75).unwrap();
             let params = ModelSpec::SEED.init(13);
             let (images, labels) = digits(5);
@@ -1127,8 +1131,7 @@ mod tests {
     /// libtorch too in a `tch` build.
     #[test]
     fn pieces_from_parameters_in_two_give_the_bits_of_the_whole_computation() {
-        let tch = cfg!(feature = "tch").then_some(BackendKind::Tch);
-        for backend in std::iter::once(BackendKind::Flex).chain(tch) {
+        for backend in cpu_backends() {
             let engine = Engine::new(ModelSpec::SEED, backend, "cpu", 0.75).unwrap();
             let params = ModelSpec::SEED.init(11);
             let (images, labels) = digits(12);
@@ -1237,8 +1240,7 @@ mod tests {
     /// flex decodes them). On libtorch too in a `tch` build.
     #[test]
     fn parameters_as_wire_bytes_give_the_gradients_of_their_values() {
-        let tch = cfg!(feature = "tch").then_some(BackendKind::Tch);
-        for backend in std::iter::once(BackendKind::Flex).chain(tch) {
+        for backend in cpu_backends() {
             let engine = Engine::new(ModelSpec::SEED, backend, "cpu", 0.75).unwrap();
             let params = ModelSpec::SEED.init(7);
             let (images, labels) = digits(12);

@@ -172,9 +172,15 @@ struct Shard {
 struct Issued {
     shard: usize,
     worker: WorkerId,
-    answered: bool,
-    /// Answered by a failure report: the worker gave the task up.
-    given_up: bool,
+    answer: Option<Answer>,
+}
+
+/// How a worker answered a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Gradients,
+    /// A failure report: the worker gave the task up.
+    GivenUp,
 }
 
 #[derive(Debug)]
@@ -453,8 +459,7 @@ impl Core {
             Issued {
                 shard: index,
                 worker: id,
-                answered: false,
-                given_up: false,
+                answer: None,
             },
         );
         Ok(Some(Assignment {
@@ -493,10 +498,7 @@ impl Core {
     ) -> Result<(), CoreError> {
         self.touch(worker, now)?;
         let (round, index) = open_task(self.round.as_mut(), worker, task_id, step)?;
-        round.answered(task_id);
-        if let Some(issued) = round.issued.get_mut(&task_id) {
-            issued.given_up = true;
-        }
+        round.answered(task_id, Answer::GivenUp);
         let shard = &mut round.shards[index];
         shard.running.retain(|(t, _, _)| *t != task_id);
         if !shard.failed_by.contains(&worker) {
@@ -532,7 +534,7 @@ impl Core {
                 want: shard.nodes.clone(),
             });
         }
-        round.answered(sub.task_id);
+        round.answered(sub.task_id, Answer::Gradients);
         let shard = &mut round.shards[index];
         let started = shard
             .running
@@ -622,9 +624,9 @@ impl Round {
         }
     }
 
-    fn answered(&mut self, task: TaskId) {
+    fn answered(&mut self, task: TaskId, answer: Answer) {
         if let Some(issued) = self.issued.get_mut(&task) {
-            issued.answered = true;
+            issued.answer = Some(answer);
         }
     }
 }
@@ -657,11 +659,10 @@ fn open_task(
             worker,
         });
     }
-    if issued.given_up {
-        return Err(CoreError::GivenUp(task));
-    }
-    if issued.answered {
-        return Err(CoreError::Duplicate(task));
+    match issued.answer {
+        Some(Answer::GivenUp) => return Err(CoreError::GivenUp(task)),
+        Some(Answer::Gradients) => return Err(CoreError::Duplicate(task)),
+        None => {}
     }
     let shard = issued.shard;
     Ok((round, shard))

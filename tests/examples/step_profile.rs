@@ -2,8 +2,9 @@
 //! the engine's upload (of the parameters as the wire's bytes, as a worker gives them), forward,
 //! backward, on-device reduction and download (`Engine::node_gradients`), the worker's gradient
 //! encode, the coordinator's decode, and its SGD step, which also encodes the next step's
-//! parameters (`TrainState::apply_then`, as the coordinator calls it). The wire itself is the transport benchmark's
-//! (`--example transport`). Printed in ms per step and as a share of the step.
+//! parameters (`TrainState::apply_then`, as the coordinator calls it). The wire itself is the
+//! transport benchmark's (`--example transport`). Printed in ms per step and as a share of the
+//! step.
 //!
 //!   cargo run -p cluster-tests --example step_profile [-- STEPS]      (default 20, flex)
 //!   BENCH_BACKENDS=flex,tch DEVICE=cpu BATCH=128 MICRO=32 THREADS=2 \
