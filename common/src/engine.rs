@@ -455,7 +455,7 @@ impl Engine {
                 let offset = self.trunk_len();
                 for &node in nodes {
                     let sum = self.node_sum(node, first, batches.len(), &mut head_sums, phases)?;
-                    self.by_parameter(node, offset, sum, 0.0, phases, ready)?;
+                    self.hand_out(node, offset, sum, 0.0, phases, ready)?;
                 }
             }
 
@@ -474,22 +474,15 @@ impl Engine {
         let mut examples = Vec::with_capacity(nodes.len());
         for &node in nodes {
             let mut sum = self.node_sum(node, first, batches.len(), &mut trunk_sums, phases)?;
+            if handout == Handout::Whole {
+                sum.extend(self.node_sum(node, first, batches.len(), &mut head_sums, phases)?);
+                let clock = Instant::now();
+                sum = vec![Tensor::cat(sum, 0)];
+                phases.download += clock.elapsed();
+            }
             let under = (node.lo - first) as usize..(node.hi - first) as usize;
             let loss_sum = losses[under.clone()].iter().sum();
-            match handout {
-                Handout::Whole => {
-                    let head = self.node_sum(node, first, batches.len(), &mut head_sums, phases)?;
-                    sum.extend(head);
-                    let values = self.download(sum, phases)?;
-                    ready(Piece {
-                        node,
-                        offset: 0,
-                        values,
-                        loss_sum,
-                    })?;
-                }
-                Handout::ByParameter => self.by_parameter(node, 0, sum, loss_sum, phases, ready)?,
-            }
+            self.hand_out(node, 0, sum, loss_sum, phases, ready)?;
             examples.push(rows[under].iter().sum::<usize>() as u32);
         }
         Ok(examples)
@@ -533,19 +526,11 @@ impl Engine {
         Ok(sum)
     }
 
-    /// Per-parameter tensors joined into one flat vector on the host (one read from the
-    /// device).
-    fn download(&self, parts: Vec<Tensor<1>>, phases: &mut Phases) -> Result<Vec<f32>, Error> {
-        let clock = Instant::now();
-        let values = to_vec(Tensor::cat(parts, 0))?;
-        phases.download += clock.elapsed();
-        Ok(values)
-    }
-
-    /// Hands `node`'s sums of consecutive parameters, the first at `offset` of the flat
-    /// vector, to `ready` one piece per parameter, `loss_sum` on the last (on an empty piece
-    /// when there are no parameters, so the loss is never lost).
-    fn by_parameter<E: From<Error>>(
+    /// Reads `node`'s sums of consecutive stretches of the flat vector (one per parameter, or
+    /// one joined for them all), the first at `offset`, and hands each to `ready` as a piece,
+    /// `loss_sum` on the last (on an empty piece when there are none, so the loss is never
+    /// lost).
+    fn hand_out<E: From<Error>>(
         &self,
         node: Node,
         mut offset: usize,

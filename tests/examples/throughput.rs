@@ -77,7 +77,7 @@ fn local_loop(
     backend: BackendKind,
     threads: usize,
     steps: u64,
-    ready: impl FnOnce() + Send,
+    ready: impl FnOnce(),
 ) -> anyhow::Result<(Instant, Instant)> {
     let cfg = cfg();
     let mut state = TrainState::new(&cfg);
